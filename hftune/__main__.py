@@ -1,0 +1,3 @@
+from hftune.run import main
+
+main()

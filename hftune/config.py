@@ -1,0 +1,208 @@
+"""Run configuration: HF-named dataclasses, parsed from a YAML recipe plus CLI overrides.
+
+Example:
+    >>> from hftune.config import parse_config
+    >>> model_args, data_args, training_args = parse_config(["--max_steps", "2"])  # default recipe
+"""
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+
+import torch
+import yaml
+from transformers import HfArgumentParser, TrainingArguments
+
+from hftune.errors import HftuneError, closest
+
+DEFAULT_RECIPE = "text_classification"
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        default=None,
+        metadata={"help": "Hub id, local checkpoint folder, or an offline asset such as 'asset:all-MiniLM-L6-v2'."},
+    )
+    model_revision: str = field(default="main", metadata={"help": "Hub branch, tag or commit of the checkpoint."})
+    cache_dir: str = field(default=None, metadata={"help": "Where downloaded models and data sets are cached."})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Run modelling code shipped with the checkpoint. Only for sources you trust."}
+    )
+    ignore_mismatched_sizes: bool = field(
+        default=True,
+        metadata={"help": "Re-initialise a classification head whose shape differs from the checkpoint's."},
+    )
+
+
+@dataclass
+class DataArguments:
+    task: str = field(
+        default="text-classification",
+        metadata={"help": "Task family: text-classification, causal-lm or image-classification."},
+    )
+    dataset_name: str = field(
+        default=None, metadata={"help": "Hub data set id, or an offline asset such as 'asset:tweet-sentiment'."}
+    )
+    dataset_config_name: str = field(default=None, metadata={"help": "Configuration name of the Hub data set."})
+    train_file: str = field(
+        default=None, metadata={"help": "Local training data: csv, json, jsonl, parquet, txt, or an image folder."}
+    )
+    validation_file: str = field(default=None, metadata={"help": "Local validation data (same formats)."})
+    test_file: str = field(default=None, metadata={"help": "Local test data (same formats)."})
+    text_column: str = field(default="text", metadata={"help": "Column holding the (first) text."})
+    text_pair_column: str = field(
+        default=None, metadata={"help": "Column holding the second text of a pair (text-classification)."}
+    )
+    label_column: str = field(default="label", metadata={"help": "Column holding the class label."})
+    image_column: str = field(
+        default="image", metadata={"help": "Column holding images: PIL images, file paths or bytes."}
+    )
+    max_seq_length: int = field(
+        default=128, metadata={"help": "Longest tokenized input; longer texts are truncated."}
+    )
+    block_size: int = field(
+        default=None,
+        metadata={"help": "causal-lm: length of training blocks (default: max_seq_length)."},
+    )
+    concatenate_texts: bool = field(
+        default=True,
+        metadata={
+            "help": "causal-lm: concatenate all texts and cut them into block_size blocks (true), "
+            "or truncate each text on its own (false)."
+        },
+    )
+    max_train_samples: int = field(default=None, metadata={"help": "Keep at most this many training examples."})
+    max_eval_samples: int = field(default=None, metadata={"help": "Keep at most this many evaluation examples."})
+    validation_split_percentage: float = field(
+        default=5,
+        metadata={"help": "Percent of train held out for validation when no validation split is given."},
+    )
+    preprocessing_num_workers: int = field(default=None, metadata={"help": "Processes used by datasets.map."})
+
+
+@dataclass
+class HftuneTrainingArguments(TrainingArguments):
+    """TrainingArguments plus the few switches hftune adds; every HF name keeps its meaning."""
+
+    do_train: bool = field(default=True, metadata={"help": "Train (TrainingArguments' default is False)."})
+    do_eval: bool = field(default=True, metadata={"help": "Evaluate on the validation split after training."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Allow writing into a non-empty output_dir (its files may be overwritten)."},
+    )
+
+
+CONFIG_CLASSES = (ModelArguments, DataArguments, HftuneTrainingArguments)
+
+
+class _OneLineErrorParser(HfArgumentParser):
+    """argparse prints the full usage (hundreds of options) on error; print one line instead."""
+
+    def error(self, message):
+        raise HftuneError(f"{message}. Run `hftune --help` for every field.")
+
+
+def build_parser():
+    parser = _OneLineErrorParser(CONFIG_CLASSES, description="Fine-tune a Hugging Face checkpoint from one config.")
+    parser.add_argument(
+        "--config",
+        default=None,
+        help=f"YAML recipe (a file, or the name of a shipped recipe; default: {DEFAULT_RECIPE}). CLI flags win.",
+    )
+    return parser
+
+
+def field_names():
+    return {f.name for cls in CONFIG_CLASSES for f in fields(cls) if f.init}
+
+
+def recipe_path(name_or_path):
+    """A YAML file on disk, or the name of a recipe shipped in hftune/recipes."""
+    if os.path.isfile(name_or_path):
+        return Path(name_or_path)
+    shipped = resources.files("hftune") / "recipes" / f"{Path(name_or_path).stem}.yaml"
+    if shipped.is_file():
+        return Path(str(shipped))
+    names = sorted(p.name[: -len(".yaml")] for p in (resources.files("hftune") / "recipes").iterdir())
+    raise HftuneError(f"config file '{name_or_path}' not found; pass a YAML path or a shipped recipe: {names}.")
+
+
+def load_recipe(path):
+    try:
+        recipe = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as err:
+        raise HftuneError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(recipe, dict):
+        raise HftuneError(f"{path} must be a mapping of field: value, got {type(recipe).__name__}.")
+    known = field_names()
+    for key in recipe:
+        if key not in known:
+            raise HftuneError(f"unknown config key '{key}' in {path}.{closest(key, known)}")
+    return recipe
+
+
+def recipe_to_argv(recipe):
+    """YAML values become CLI tokens placed before the user's flags: argparse then type-checks
+    both the same way, and the last occurrence (the CLI's) wins."""
+    argv, nulls = [], {}
+    for key, value in recipe.items():
+        if value is None or value == []:
+            nulls[key] = value
+        elif isinstance(value, bool):
+            argv += [f"--{key}", str(value).lower()]
+        elif isinstance(value, list):
+            argv += [f"--{key}", *map(str, value)]
+        elif isinstance(value, dict):
+            argv += [f"--{key}", json.dumps(value)]
+        else:
+            argv += [f"--{key}", str(value)]
+    return argv, nulls
+
+
+def parse_config(argv=None):
+    """Parse `--config recipe.yaml` plus CLI overrides into (model, data, training) arguments."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=DEFAULT_RECIPE)
+    known, cli = pre.parse_known_args(argv)
+    path = recipe_path(known.config)
+    recipe_argv, nulls = recipe_to_argv(load_recipe(path))
+
+    parser = build_parser()
+    if not torch.accelerator.is_available():
+        # Without this, a multi-process launch on a GPU-less machine silently runs N unsynchronised jobs.
+        parser.set_defaults(use_cpu=True)
+    parser.set_defaults(**nulls)
+    *parsed, remaining = parser.parse_args_into_dataclasses(
+        args=recipe_argv + cli, return_remaining_strings=True, look_for_args_file=False
+    )
+    if remaining:
+        flag = next((r for r in remaining if r.startswith("--")), remaining[0])
+        raise HftuneError(f"unknown argument '{flag}'.{closest(flag.lstrip('-'), field_names())}")
+    model_args, data_args, training_args = parsed[:3]
+    training_args.hftune_recipe = str(path)
+    return model_args, data_args, training_args
+
+
+def resolved_config(model_args, data_args, training_args):
+    """All fields as one flat mapping; TrainingArguments.to_dict() already redacts tokens."""
+    resolved = {}
+    for args in (model_args, data_args):
+        resolved.update({f.name: getattr(args, f.name) for f in fields(args)})
+    resolved.update(training_args.to_dict())
+    return json.loads(json.dumps(resolved, default=str))  # enums and paths as plain values
+
+
+def save_resolved_config(model_args, data_args, training_args):
+    """Write output_dir/hftune_config.yaml; re-running it with --config reproduces the run."""
+    if not training_args.should_save:
+        return None
+    path = Path(training_args.output_dir) / "hftune_config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(resolved_config(model_args, data_args, training_args), sort_keys=False))
+    return path

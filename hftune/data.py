@@ -1,0 +1,104 @@
+"""Load the raw splits a run needs: a Hub data set, an offline asset, or local files/folders.
+
+Example:
+    >>> from hftune.config import DataArguments
+    >>> raw = load_raw_datasets(DataArguments(train_file="train.csv"), seed=42)  # doctest: +SKIP
+    >>> sorted(raw)  # validation carved from train
+    ['train', 'validation']
+"""
+
+import os
+from pathlib import Path
+
+from datasets import DatasetDict, load_dataset
+
+from hftune.assets import get_asset, is_asset
+from hftune.errors import HftuneError, closest
+
+BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
+
+
+def _builder_for(path):
+    if os.path.isdir(path):
+        return "imagefolder"
+    builder = BUILDERS.get(Path(path).suffix.lower())
+    if builder is None:
+        raise HftuneError(
+            f"cannot read '{path}': use one of {sorted(BUILDERS)} or an image folder, or pass dataset_name."
+        )
+    return builder
+
+
+def _local_files(data_args):
+    files = {"train": data_args.train_file, "validation": data_args.validation_file, "test": data_args.test_file}
+    files = {split: path for split, path in files.items() if path}
+    for split, path in files.items():
+        if not os.path.exists(path):
+            raise HftuneError(f"{split}_file '{path}' does not exist; check the path in your config.")
+    builders = {_builder_for(path) for path in files.values()}
+    if len(builders) > 1:
+        raise HftuneError(f"train/validation/test files must share one format, got {sorted(builders)}.")
+    return builders.pop(), files
+
+
+def _load(data_args, cache_dir):
+    if is_asset(data_args.dataset_name):
+        asset = get_asset(data_args.dataset_name, "dataset")
+        return load_dataset(asset.builder, data_files=asset.locate(), cache_dir=cache_dir, **asset.builder_kwargs)
+    if data_args.dataset_name:
+        return load_dataset(data_args.dataset_name, data_args.dataset_config_name, cache_dir=cache_dir)
+    if not (data_args.train_file or data_args.validation_file or data_args.test_file):
+        raise HftuneError("no data: set dataset_name, or train_file (and optionally validation_file/test_file).")
+    builder, files = _local_files(data_args)
+    if builder == "imagefolder":
+        return DatasetDict(
+            {split: load_dataset("imagefolder", data_dir=path, split="train", cache_dir=cache_dir)
+             for split, path in files.items()}
+        )
+    if builder == "csv" and any(Path(p).suffix.lower() == ".tsv" for p in files.values()):
+        return load_dataset(builder, data_files=files, cache_dir=cache_dir, delimiter="\t")
+    return load_dataset(builder, data_files=files, cache_dir=cache_dir)
+
+
+def _carve_validation(raw, percentage, seed):
+    if "validation" in raw or "train" not in raw:
+        return raw
+    if not 0 < percentage < 100:
+        return raw
+    split = raw["train"].train_test_split(test_size=percentage / 100, seed=seed)
+    raw["train"], raw["validation"] = split["train"], split["test"]
+    return raw
+
+
+def _limit(raw, split, n):
+    if n is not None and split in raw and len(raw[split]) > n:
+        raw[split] = raw[split].select(range(n))
+
+
+def load_raw_datasets(data_args, seed=42, cache_dir=None):
+    """DatasetDict with 'train' and, where the data allows, 'validation' and 'test'."""
+    try:
+        raw = _load(data_args, cache_dir)
+    except HftuneError:
+        raise
+    except UnicodeDecodeError as err:
+        raise HftuneError(f"data is not valid UTF-8 ({err.reason} at byte {err.start}); re-encode the file.") from None
+    except (FileNotFoundError, ValueError) as err:
+        raise HftuneError(f"could not load the data set: {str(err).splitlines()[0]}") from None
+    raw = _carve_validation(DatasetDict(raw), data_args.validation_split_percentage, seed)
+    _limit(raw, "train", data_args.max_train_samples)
+    _limit(raw, "validation", data_args.max_eval_samples)
+    for split, dataset in raw.items():
+        if len(dataset) == 0:
+            raise HftuneError(f"the {split} split is empty; check the data file or max_*_samples.")
+    return raw
+
+
+def require_columns(dataset, split, **columns):
+    """Fail with the config key to change when a named column is missing."""
+    for key, column in columns.items():
+        if column is not None and column not in dataset.column_names:
+            raise HftuneError(
+                f"{key} '{column}' is not a column of the {split} split.{closest(column, dataset.column_names)} "
+                f"Columns: {dataset.column_names}."
+            )

@@ -1,0 +1,37 @@
+"""Metrics through `evaluate`, with offline fallbacks shipped in this package.
+
+`load_metric("accuracy")` returns the Hub's evaluate module when it can be had, else
+hftune's own module of the same name, loaded through `evaluate.load(local_path)`.
+
+Example:
+    >>> from hftune.metrics import load_metric
+    >>> load_metric("accuracy").compute(predictions=[0, 1, 1], references=[0, 1, 0])["accuracy"]  # doctest: +SKIP
+    0.666...
+"""
+
+import logging
+from functools import lru_cache
+from importlib import resources
+
+import evaluate
+from huggingface_hub import constants
+
+logger = logging.getLogger(__name__)
+
+LOCAL_METRICS = ("accuracy", "f1")
+
+
+def local_metric_path(name):
+    return str(resources.files("hftune") / "metrics" / name / f"{name}.py")
+
+
+@lru_cache(maxsize=None)
+def load_metric(name):
+    if not constants.HF_HUB_OFFLINE:
+        try:
+            return evaluate.load(name)
+        except Exception as err:  # no network, Hub down, module missing: all mean "use ours"
+            if name not in LOCAL_METRICS:
+                raise
+            logger.warning("evaluate.load(%r) failed (%s); using hftune's offline copy.", name, type(err).__name__)
+    return evaluate.load(local_metric_path(name))

@@ -1,0 +1,128 @@
+"""Entry point: `accelerate launch hftune/run.py --config recipe.yaml`, `python -m hftune`, `hftune`.
+
+parse -> set up -> train -> finish. With no arguments it runs the shipped default recipe:
+all-MiniLM-L6-v2 fine-tuned on the tweet-sentiment corpus, fully offline.
+"""
+
+import logging
+import os
+import sys
+
+if __package__ in (None, ""):  # `accelerate launch hftune/run.py` runs this file as a script
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import datasets
+import transformers
+from transformers import set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from hftune.config import parse_config, save_resolved_config
+from hftune.data import load_raw_datasets
+from hftune.engines.trainer import build_trainer
+from hftune.errors import HftuneError
+from hftune.tasks import get_task
+
+logger = logging.getLogger("hftune")
+
+
+def setup_logging(training_args):
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    level = training_args.get_process_log_level()
+    for log in (logger, transformers.utils.logging, datasets.utils.logging):
+        log.setLevel(level) if log is logger else log.set_verbosity(level)
+
+
+def check_output_dir(training_args):
+    """Never write into someone's results by accident."""
+    out = training_args.output_dir
+    if not (os.path.isdir(out) and os.listdir(out)):
+        return
+    if training_args.overwrite_output_dir or training_args.resume_from_checkpoint:
+        return
+    raise HftuneError(
+        f"output_dir '{out}' is not empty; choose another output_dir, set overwrite_output_dir: true, "
+        "or resume_from_checkpoint: true."
+    )
+
+
+def resolve_checkpoint(training_args):
+    """`resume_from_checkpoint: true` (or `auto`) means the latest checkpoint in output_dir."""
+    resume = training_args.resume_from_checkpoint
+    if resume is None or str(resume).lower() in ("false", "none", ""):
+        return None
+    if str(resume).lower() in ("true", "auto"):
+        last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+        if last is None:
+            raise HftuneError(
+                f"resume_from_checkpoint: {resume} but output_dir '{training_args.output_dir}' holds no checkpoint-*; "
+                "drop resume_from_checkpoint to start fresh."
+            )
+        return last
+    if not os.path.isdir(resume):
+        raise HftuneError(f"resume_from_checkpoint '{resume}' does not exist; pass a checkpoint-* folder or true.")
+    return resume
+
+
+def setup(model_args, data_args, training_args):
+    setup_logging(training_args)
+    task = get_task(data_args.task)
+    check_output_dir(training_args)
+    checkpoint = resolve_checkpoint(training_args)
+    set_seed(training_args.seed)  # before the model is built: a new head's init depends on it
+    with training_args.main_process_first(desc="loading and preprocessing"):
+        raw = load_raw_datasets(data_args, seed=training_args.seed, cache_dir=model_args.cache_dir)
+        bundle = task.build(model_args, data_args, raw)
+    save_resolved_config(model_args, data_args, training_args)
+    return build_trainer(bundle, training_args), bundle, checkpoint
+
+
+def train(trainer, bundle, training_args, checkpoint):
+    metrics = {}
+    if training_args.do_train:
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+        trainer.save_model()
+        metrics = {**result.metrics, "train_samples": len(bundle.train_dataset)}
+        trainer.log_metrics("train", metrics)
+        trainer.save_metrics("train", metrics)
+        trainer.save_state()
+    if training_args.do_eval and bundle.eval_dataset is not None:
+        eval_metrics = trainer.evaluate()
+        if bundle.derived_metrics:
+            eval_metrics.update(bundle.derived_metrics(eval_metrics))
+        eval_metrics["eval_samples"] = len(bundle.eval_dataset)
+        trainer.log_metrics("eval", eval_metrics)
+        trainer.save_metrics("eval", eval_metrics)
+        metrics.update(eval_metrics)
+    return metrics
+
+
+def finish(trainer, bundle, training_args, metrics):
+    if not trainer.is_world_process_zero():
+        return
+    out = os.path.abspath(training_args.output_dir)
+    value = metrics.get(bundle.main_metric)
+    lines = ["", "hftune: done."]
+    if value is not None:
+        lines.append(f"  {bundle.main_metric} = {value:.4f} on {metrics.get('eval_samples')} validation examples")
+    if training_args.do_train:
+        lines.append(f"  model saved to {out}")
+        lines.append(f'  load it: transformers.pipeline("{bundle.pipeline_task}", model="{out}")')
+    print("\n".join(lines))
+
+
+def main(argv=None):
+    try:
+        model_args, data_args, training_args = parse_config(argv)
+        trainer, bundle, checkpoint = setup(model_args, data_args, training_args)
+        metrics = train(trainer, bundle, training_args, checkpoint)
+        finish(trainer, bundle, training_args, metrics)
+    except HftuneError as err:
+        print(f"hftune: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

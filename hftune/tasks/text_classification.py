@@ -1,0 +1,103 @@
+"""text-classification: BERT-style encoders (AutoModelForSequenceClassification) on single
+texts or text pairs, with integer or string labels; metrics accuracy and macro-F1."""
+
+import numpy as np
+from datasets import ClassLabel
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
+
+from hftune.assets import resolve_model
+from hftune.data import require_columns
+from hftune.errors import HftuneError
+from hftune.metrics import load_metric
+
+
+def label_names(raw, label_column):
+    """Class names in id order: a ClassLabel's own names, else the sorted values seen in train."""
+    feature = raw["train"].features[label_column]
+    if isinstance(feature, ClassLabel):
+        return list(feature.names)
+    values = raw["train"].unique(label_column)
+    if any(v is None for v in values):
+        raise HftuneError(f"label_column '{label_column}' has empty labels in the train split; drop or fill them.")
+    return [str(v) for v in sorted(values)]
+
+
+def check_labels(raw, label_column, names):
+    """A label in validation/test that train never shows cannot be learned: refuse early."""
+    known = set(names)
+    for split in ("validation", "test"):
+        if split not in raw or label_column not in raw[split].column_names:
+            continue
+        feature = raw[split].features[label_column]
+        values = feature.names if isinstance(feature, ClassLabel) else raw[split].unique(label_column)
+        unseen = sorted(str(v) for v in values if str(v) not in known)
+        if unseen:
+            raise HftuneError(
+                f"the {split} split has label(s) {unseen[:5]} that never occur in train (labels: {names}); "
+                "fix the data or carve validation from train."
+            )
+
+
+def build(model_args, data_args, raw):
+    from hftune.tasks import TaskBundle
+
+    for split, dataset in raw.items():
+        require_columns(
+            dataset, split, text_column=data_args.text_column, text_pair_column=data_args.text_pair_column,
+            label_column=data_args.label_column if split != "test" else None,
+        )
+    names = label_names(raw, data_args.label_column)
+    if len(names) < 2:
+        raise HftuneError(f"label_column '{data_args.label_column}' has a single class {names}; need at least 2.")
+    check_labels(raw, data_args.label_column, names)
+
+    path = resolve_model(model_args.model_name_or_path)
+    common = dict(revision=model_args.model_revision, cache_dir=model_args.cache_dir,
+                  trust_remote_code=model_args.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(path, **common)
+    config = AutoConfig.from_pretrained(
+        path, num_labels=len(names), id2label=dict(enumerate(names)),
+        label2id={name: i for i, name in enumerate(names)}, **common,
+    )
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, config=config, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes, **common
+    )
+
+    max_length = min(data_args.max_seq_length, tokenizer.model_max_length)
+    text, pair, label = data_args.text_column, data_args.text_pair_column, data_args.label_column
+    to_id = {name: i for i, name in enumerate(names)}
+
+    def preprocess(batch, label_feature):
+        first = [t if t is not None else "" for t in batch[text]]
+        second = [t if t is not None else "" for t in batch[pair]] if pair else None
+        encoded = tokenizer(first, second, truncation=True, max_length=max_length)
+        if label in batch:  # labels arrive as ints, strings or ClassLabel ids: map through their names
+            values = batch[label]
+            if isinstance(label_feature, ClassLabel):
+                values = label_feature.int2str(values)
+            encoded["labels"] = [to_id[str(v)] for v in values]
+        return encoded
+
+    tokenized = {
+        split: ds.map(preprocess, batched=True, remove_columns=ds.column_names,
+                      fn_kwargs={"label_feature": ds.features.get(label)},
+                      num_proc=data_args.preprocessing_num_workers, desc=f"tokenizing {split}")
+        for split, ds in raw.items()
+    }
+
+    accuracy, f1 = load_metric("accuracy"), load_metric("f1")
+
+    def compute_metrics(eval_pred):
+        predictions = np.argmax(eval_pred.predictions, axis=-1)
+        references = eval_pred.label_ids
+        return {
+            **accuracy.compute(predictions=predictions, references=references),
+            "f1_macro": f1.compute(predictions=predictions, references=references, average="macro")["f1"],
+        }
+
+    return TaskBundle(
+        model=model, processor=tokenizer, train_dataset=tokenized.get("train"),
+        eval_dataset=tokenized.get("validation"), test_dataset=tokenized.get("test"),
+        data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=compute_metrics,
+        main_metric="eval_accuracy", pipeline_task="text-classification",
+    )
