@@ -108,7 +108,10 @@ class _OneLineErrorParser(HfArgumentParser):
 
 
 def build_parser():
-    parser = _OneLineErrorParser(CONFIG_CLASSES, description="Fine-tune a Hugging Face checkpoint from one config.")
+    # No abbreviations: `--max_seq_len` must be an error, not a silent prefix match.
+    parser = _OneLineErrorParser(
+        CONFIG_CLASSES, description="Fine-tune a Hugging Face checkpoint from one config.", allow_abbrev=False
+    )
     parser.add_argument(
         "--config",
         default=None,
@@ -164,14 +167,38 @@ def recipe_to_argv(recipe):
     return argv, nulls
 
 
+FILE_SOURCES = ("train_file", "validation_file", "test_file")
+HUB_SOURCES = ("dataset_name", "dataset_config_name")
+
+
+def _flags(argv):
+    return {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}
+
+
+def choose_data_source(recipe, cli, path):
+    """Data comes from dataset_name or from files, never both. A CLI choice replaces the recipe's
+    (so `hftune --train_file my.csv` leaves the default recipe's data set out)."""
+    cli_flags = _flags(cli)
+    for chosen, other in ((FILE_SOURCES, HUB_SOURCES), (HUB_SOURCES, FILE_SOURCES)):
+        if cli_flags & set(chosen):
+            recipe = {k: v for k, v in recipe.items() if k not in other}
+    recipe_keys = {k for k, v in recipe.items() if v is not None}
+    for layer, keys in ((recipe, recipe_keys), (None, cli_flags)):
+        if keys & {"dataset_name"} and keys & set(FILE_SOURCES):
+            where = path if layer is not None else "the command line"
+            raise HftuneError(f"{where} sets both dataset_name and train/validation/test files; keep one.")
+    return recipe
+
+
 def parse_config(argv=None):
     """Parse `--config recipe.yaml` plus CLI overrides into (model, data, training) arguments."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config", default=DEFAULT_RECIPE)
     known, cli = pre.parse_known_args(argv)
     path = recipe_path(known.config)
-    recipe_argv, nulls = recipe_to_argv(load_recipe(path))
+    recipe = choose_data_source(load_recipe(path), cli, path)
+    recipe_argv, nulls = recipe_to_argv(recipe)
 
     parser = build_parser()
     if not torch.accelerator.is_available():

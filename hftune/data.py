@@ -44,7 +44,8 @@ def _local_files(data_args):
 def _load(data_args, cache_dir):
     if is_asset(data_args.dataset_name):
         asset = get_asset(data_args.dataset_name, "dataset")
-        return load_dataset(asset.builder, data_files=asset.locate(), cache_dir=cache_dir, **asset.builder_kwargs)
+        raw = load_dataset(asset.builder, data_files=asset.locate(), cache_dir=cache_dir, **asset.builder_kwargs)
+        return raw.rename_columns(asset.rename_columns)
     if data_args.dataset_name:
         return load_dataset(data_args.dataset_name, data_args.dataset_config_name, cache_dir=cache_dir)
     if not (data_args.train_file or data_args.validation_file or data_args.test_file):
