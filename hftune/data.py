@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from datasets import DatasetDict, load_dataset
+from datasets.exceptions import DatasetGenerationError
 
 from hftune.assets import get_asset, is_asset
 from hftune.errors import HftuneError, closest
@@ -29,12 +30,29 @@ def _builder_for(path):
     return builder
 
 
+def _has_no_rows(path):
+    """Catch empty files up front: datasets' own error for them is a schema puzzle."""
+    if os.path.isdir(path):
+        return not any(files for _, _, files in os.walk(path))
+    if Path(path).suffix.lower() == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(path).metadata.num_rows == 0
+    with open(path, "rb") as handle:
+        lines = [line for line in handle.read(1 << 16).splitlines() if line.strip()]
+    header_lines = 1 if Path(path).suffix.lower() in (".csv", ".tsv") else 0
+    return len(lines) <= header_lines
+
+
 def _local_files(data_args):
     files = {"train": data_args.train_file, "validation": data_args.validation_file, "test": data_args.test_file}
     files = {split: path for split, path in files.items() if path}
     for split, path in files.items():
         if not os.path.exists(path):
             raise HftuneError(f"{split}_file '{path}' does not exist; check the path in your config.")
+    for split, path in files.items():
+        if _has_no_rows(path):
+            raise HftuneError(f"{split}_file '{path}' has no rows; fill it or drop it from the config.")
     builders = {_builder_for(path) for path in files.values()}
     if len(builders) > 1:
         raise HftuneError(f"train/validation/test files must share one format, got {sorted(builders)}.")
@@ -84,6 +102,9 @@ def load_raw_datasets(data_args, seed=42, cache_dir=None):
         raise
     except UnicodeDecodeError as err:
         raise HftuneError(f"data is not valid UTF-8 ({err.reason} at byte {err.start}); re-encode the file.") from None
+    except DatasetGenerationError as err:
+        cause = str(err.__cause__ or err).splitlines()[0]
+        raise HftuneError(f"could not read the data ({cause}); check that no file is empty or malformed.") from None
     except (FileNotFoundError, ValueError) as err:
         raise HftuneError(f"could not load the data set: {str(err).splitlines()[0]}") from None
     raw = _carve_validation(DatasetDict(raw), data_args.validation_split_percentage, seed)

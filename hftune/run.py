@@ -74,7 +74,12 @@ def setup(model_args, data_args, training_args):
     set_seed(training_args.seed)  # before the model is built: a new head's init depends on it
     with training_args.main_process_first(desc="loading and preprocessing"):
         raw = load_raw_datasets(data_args, seed=training_args.seed, cache_dir=model_args.cache_dir)
-        bundle = task.build(model_args, data_args, raw)
+        try:
+            bundle = task.build(model_args, data_args, raw)
+        except OSError as err:  # what from_pretrained raises for a missing folder or Hub id
+            raise HftuneError(
+                f"could not load model_name_or_path '{model_args.model_name_or_path}': {str(err).splitlines()[0]}"
+            ) from None
     save_resolved_config(model_args, data_args, training_args)
     return build_trainer(bundle, training_args), bundle, checkpoint
 

@@ -1,0 +1,104 @@
+"""Every bad input ends the run before training with one clear line and exit status 2."""
+
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from hftune.run import main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def fail(capsys, argv):
+    """Run hftune, expect exit 2, return the single error line."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("hftune: error:")]
+    assert len(errors) == 1, errors
+    return errors[0]
+
+
+@pytest.fixture
+def base(tiny_bert, tweets_csv, tmp_path):
+    train, validation = tweets_csv
+    return ["--model_name_or_path", tiny_bert, "--train_file", str(train), "--validation_file", str(validation),
+            "--label_column", "sentiment", "--output_dir", str(tmp_path / "out"), "--report_to", "none"]
+
+
+def test_missing_file(capsys, base, tmp_path):
+    line = fail(capsys, base + ["--train_file", str(tmp_path / "nope.csv")])
+    assert "train_file" in line and "nope.csv" in line and "does not exist" in line
+
+
+def test_misspelled_column_suggests_the_right_one(capsys, base):
+    line = fail(capsys, base + ["--text_column", "txet"])
+    assert "text_column 'txet' is not a column" in line and "Did you mean 'text'" in line
+
+
+def test_missing_label_column(capsys, base):
+    line = fail(capsys, base + ["--label_column", "stars"])
+    assert "label_column 'stars'" in line and "Columns: ['text', 'sentiment']" in line
+
+
+def test_unknown_task(capsys, base):
+    line = fail(capsys, base + ["--task", "text-clasification"])
+    assert "unknown task 'text-clasification'" in line and "Did you mean 'text-classification'" in line
+
+
+def test_unknown_config_key(capsys, base, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("learning_rat: 0.1\n")
+    line = fail(capsys, ["--config", str(recipe)] + base)
+    assert "unknown config key 'learning_rat'" in line and "Did you mean 'learning_rate'" in line
+
+
+def test_validation_label_never_seen_in_train(capsys, base, tmp_path):
+    pd.DataFrame({"text": ["good", "bad"] * 5, "sentiment": ["pos", "neg"] * 5}).to_csv(tmp_path / "t.csv", index=False)
+    pd.DataFrame({"text": ["meh", "good"], "sentiment": ["neutral", "pos"]}).to_csv(tmp_path / "v.csv", index=False)
+    line = fail(capsys, base + ["--train_file", str(tmp_path / "t.csv"), "--validation_file", str(tmp_path / "v.csv")])
+    assert "validation split has label(s) ['neutral'] that never occur in train" in line
+
+
+def test_empty_data_set(capsys, base, tmp_path):
+    (tmp_path / "empty.csv").write_text("text,sentiment\n")
+    line = fail(capsys, base + ["--train_file", str(tmp_path / "empty.csv")])
+    assert "train_file" in line and "has no rows" in line
+
+
+def test_checkpoint_that_does_not_exist(capsys, base, tmp_path):
+    line = fail(capsys, base + ["--resume_from_checkpoint", str(tmp_path / "checkpoint-7")])
+    assert "resume_from_checkpoint" in line and "does not exist" in line
+
+
+def test_model_that_does_not_exist(capsys, base, tmp_path):
+    line = fail(capsys, base + ["--model_name_or_path", str(tmp_path / "no-such-model")])
+    assert "could not load model_name_or_path" in line and "no-such-model" in line
+
+
+def test_non_empty_output_dir_is_not_overwritten(capsys, base, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.txt").write_text("precious")
+    line = fail(capsys, base)
+    assert "output_dir" in line and "overwrite_output_dir" in line
+    assert sorted(os.listdir(out)) == ["results.txt"] and (out / "results.txt").read_text() == "precious"
+
+
+def test_wrong_type_on_the_command_line(capsys, base):
+    line = fail(capsys, base + ["--num_train_epochs", "many"])
+    assert "--num_train_epochs" in line and "'many'" in line
+
+
+def test_script_entry_point_exits_2_with_one_line(tmp_path):
+    """`accelerate launch hftune/run.py` runs the file as a script: same clean error and status."""
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "hftune", "run.py"), "--task", "nope", "--output_dir", str(tmp_path)],
+        capture_output=True, text=True, cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("hftune: error: unknown task 'nope'")
+    assert "Traceback" not in result.stderr
