@@ -27,7 +27,7 @@ def tweets():
 
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory):
-    """A 2-layer BERT with the real MiniLM tokenizer, saved so the from_pretrained path runs."""
+    """A 2-layer BERT (dropout off) with the real MiniLM tokenizer, saved so the from_pretrained path runs."""
     from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
 
     path = tmp_path_factory.mktemp("tiny-bert")
@@ -35,6 +35,7 @@ def tiny_bert(tmp_path_factory):
     config = BertConfig(
         vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
         intermediate_size=64, max_position_embeddings=128,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,  # deterministic: runs can be compared
     )
     BertForMaskedLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)

@@ -63,6 +63,10 @@ def build(model_args, data_args, raw):
         path, config=config, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes, **common
     )
 
+    # The classification loss is a per-example mean that ignores `num_items_in_batch`; without this,
+    # Trainer multiplies it by the world size under DDP (2x loss and gradient on 2 processes).
+    model.accepts_loss_kwargs = False
+
     max_length = min(data_args.max_seq_length, tokenizer.model_max_length)
     text, pair, label = data_args.text_column, data_args.text_pair_column, data_args.label_column
     to_id = {name: i for i, name in enumerate(names)}

@@ -1,0 +1,52 @@
+"""`accelerate launch` with the shipped configs: the entry point runs as a script, and a 2-process
+DDP launch on this GPU-less machine really shards the data (half the optimizer steps) and
+matches a single-process run with the same global batch."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+from accelerate.commands.config.config_args import load_config_from_file
+
+from conftest import logged_losses, read_json
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(f for f in os.listdir(os.path.join(REPO, "accelerate_configs")) if f.endswith(".yaml"))
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_shipped_accelerate_configs_load(name):
+    config = load_config_from_file(os.path.join(REPO, "accelerate_configs", name))
+    assert config.num_processes >= 1 and config.distributed_type is not None
+
+
+def launch(config, num_processes, args, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           os.path.join(REPO, "accelerate_configs", config), "--num_processes", str(num_processes),
+           "--main_process_port", "0", os.path.join(REPO, "hftune", "run.py"), *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_two_process_ddp_shards_and_matches_one_process(tiny_bert, tweets_csv, tmp_path):
+    train, validation = tweets_csv
+    common = ["--model_name_or_path", tiny_bert, "--train_file", str(train), "--validation_file", str(validation),
+              "--label_column", "sentiment", "--report_to", "none", "--max_seq_length", "32",
+              "--num_train_epochs", "1", "--logging_steps", "1", "--learning_rate", "1e-3",
+              "--disable_tqdm", "true", "--dataloader_drop_last", "true", "--seed", "7",
+              "--train_sampling_strategy", "sequential"]
+    launch("single_device.yaml", 1, common + ["--output_dir", str(tmp_path / "one"),
+                                              "--per_device_train_batch_size", "16"], tmp_path)
+    launch("ddp.yaml", 2, common + ["--output_dir", str(tmp_path / "two"),
+                                    "--per_device_train_batch_size", "8"], tmp_path)
+    one, two = read_json(tmp_path / "one/trainer_state.json"), read_json(tmp_path / "two/trainer_state.json")
+    assert one["global_step"] == two["global_step"] == 320 // 16  # same global batch of 16
+    # Two ranks each saw half of every batch: their averaged gradient equals the single-process one.
+    for a, b in zip(logged_losses(tmp_path / "one"), logged_losses(tmp_path / "two")):
+        assert abs(a - b) < 1e-4, (a, b)
+    config = yaml.safe_load((tmp_path / "two/hftune_config.yaml").read_text())
+    assert config["use_cpu"] is True
