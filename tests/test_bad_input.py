@@ -102,3 +102,12 @@ def test_script_entry_point_exits_2_with_one_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("hftune: error: unknown task 'nope'")
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("entry", [["-m", "hftune"], ["console"]])
+def test_module_and_console_script_entry_points(entry, tmp_path):
+    """`python -m hftune` and the `hftune` console script run the same main."""
+    cmd = [os.path.join(os.path.dirname(sys.executable), "hftune")] if entry == ["console"] else [sys.executable, *entry]
+    result = subprocess.run(cmd + ["--task", "nope", "--output_dir", str(tmp_path)], capture_output=True, text=True)
+    assert result.returncode == 2 and "unknown task 'nope'" in result.stderr
+    assert subprocess.run(cmd + ["--help"], capture_output=True, text=True).stdout.count("--model_name_or_path") >= 1
