@@ -3,6 +3,7 @@
 
 import io
 import json
+import pickle
 
 import numpy as np
 import pandas as pd
@@ -154,6 +155,8 @@ def test_each_image_column_type_is_preprocessed(kind, tiny_resnet, digits, tmp_p
     example = bundle.train_dataset[0]
     assert example["pixel_values"].shape == (3, SIZE, SIZE)  # 1 or 4 channels -> RGB
     assert example["labels"] == ["one", "two", "zero"].index(rows[0][1])
+    # DataLoader workers started with spawn get a pickled copy of the data set and its transform.
+    assert pickle.loads(pickle.dumps(bundle.train_dataset))[0]["pixel_values"].equal(example["pixel_values"])
     batch = bundle.data_collator([bundle.train_dataset[i] for i in range(4)])
     assert batch["pixel_values"].shape == (4, 3, SIZE, SIZE) and batch["labels"].tolist() == [
         ["one", "two", "zero"].index(n) for _, n in rows[:4]

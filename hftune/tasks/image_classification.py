@@ -1,0 +1,133 @@
+"""image-classification: ResNet-style backbones (AutoModelForImageClassification) with a new
+head sized from the data. Images may be PIL images, file paths or bytes, grayscale or colour;
+labels ints, strings or an image folder's ClassLabel. Metric: accuracy.
+
+Example:
+    >>> from datasets import Dataset, DatasetDict
+    >>> from hftune.config import DataArguments, ModelArguments
+    >>> raw = DatasetDict(train=Dataset.from_dict({"image": ["a.png", "b.png"], "label": ["cat", "dog"]}))
+    >>> bundle = build(ModelArguments("microsoft/resnet-18"), DataArguments(task="image-classification"), raw)  # doctest: +SKIP
+    >>> bundle.train_dataset[0]["pixel_values"].shape  # doctest: +SKIP
+    torch.Size([3, 224, 224])
+"""
+
+import numpy as np
+import pyarrow as pa
+from datasets import ClassLabel, Image
+from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, DefaultDataCollator
+
+from hftune.assets import resolve_model
+from hftune.data import require_columns
+from hftune.errors import HftuneError
+from hftune.metrics import load_metric
+from hftune.tasks.text_classification import check_labels, label_names
+
+
+class ImageTransform:
+    """Decoded images -> `pixel_values` on the fly, in whichever process reads the batch: float
+    pixel tensors are ~100x the size of the PNG bytes, so they are never stored. A plain object, not a
+    closure, so DataLoader workers started with spawn can unpickle it too.
+
+    Example:
+        >>> transform = ImageTransform(processor, {"cat": 0, "dog": 1}, None)  # doctest: +SKIP
+        >>> transform({"pixel_values": [pil_image], "labels": ["dog"]})["labels"]  # doctest: +SKIP
+        [1]
+    """
+
+    def __init__(self, processor, to_id, split_names):
+        self.processor = processor
+        self.to_id = to_id  # class name -> id in the model's head
+        self.split_names = split_names  # this split's ClassLabel names (its ids may differ from train's), or None
+
+    def __call__(self, batch):
+        encoded = {"pixel_values": self.processor(batch["pixel_values"], return_tensors="pt")["pixel_values"]}
+        if "labels" in batch:
+            names = [self.split_names[v] if self.split_names else v for v in batch["labels"]]
+            encoded["labels"] = [self.to_id[str(name)] for name in names]
+        return encoded
+
+
+def as_images(dataset, split, column):
+    """Cast paths, bytes or {'bytes', 'path'} dicts to datasets.Image decoding to RGB (grayscale
+    Fashion-MNIST must feed a 3-channel ResNet; the cast only relabels the column, no copy), and
+    read one image up front so a bad path fails now, not mid-training."""
+    if dataset.features[column] != Image(mode="RGB"):
+        try:
+            dataset = dataset.cast_column(column, Image(mode="RGB"))
+        except (pa.ArrowException, TypeError, ValueError):
+            raise HftuneError(
+                f"image_column '{column}' of the {split} split holds {dataset.features[column]}, not images; "
+                "it must hold PIL images, file paths or bytes."
+            ) from None
+    try:
+        dataset[0][column]
+    except (OSError, ValueError) as err:  # FileNotFoundError, PIL.UnidentifiedImageError, ...
+        raise HftuneError(
+            f"image_column '{column}' of the {split} split could not be read as an image ({err}); "
+            "file paths are read relative to the working directory."
+        ) from None
+    return dataset
+
+
+def prepare(dataset, split, data_args, processor, to_id):
+    """Keep only image and label, named as the model's forward() arguments: Trainer's
+    remove_unused_columns then keeps them (it drops columns before the transform runs)."""
+    image, label = data_args.image_column, data_args.label_column
+    dataset = as_images(dataset, split, image)
+    columns = {image: "pixel_values"}
+    if label in dataset.column_names:
+        columns[label] = "labels"
+    feature = dataset.features.get(label)
+    split_names = list(feature.names) if isinstance(feature, ClassLabel) else None
+    dataset = dataset.select_columns(list(columns))
+    dataset = dataset.rename_columns({old: new for old, new in columns.items() if old != new})
+    return dataset.with_transform(ImageTransform(processor, to_id, split_names))
+
+
+def load_model(model_args, names):
+    """Pretrained backbone + a new head with one output per class found in the data."""
+    path = resolve_model(model_args.model_name_or_path)
+    common = dict(revision=model_args.model_revision, cache_dir=model_args.cache_dir,
+                  trust_remote_code=model_args.trust_remote_code)
+    processor = AutoImageProcessor.from_pretrained(path, **common)
+    # id2label alone sets num_labels; passing both makes transformers warn that they disagree.
+    config = AutoConfig.from_pretrained(
+        path, id2label=dict(enumerate(names)), label2id={name: i for i, name in enumerate(names)}, **common
+    )
+    model = AutoModelForImageClassification.from_pretrained(
+        path, config=config, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes, **common
+    )
+    return model, processor
+
+
+def build(model_args, data_args, raw):
+    from hftune.tasks import TaskBundle
+
+    for split, dataset in raw.items():
+        require_columns(
+            dataset, split, image_column=data_args.image_column,
+            label_column=data_args.label_column if split != "test" else None,
+        )
+    names = label_names(raw, data_args.label_column)
+    if len(names) < 2:
+        raise HftuneError(f"label_column '{data_args.label_column}' has a single class {names}; need at least 2.")
+    check_labels(raw, data_args.label_column, names)
+
+    model, processor = load_model(model_args, names)
+    # The loss is a per-image mean that ignores `num_items_in_batch`; left True (inferred from
+    # forward's **kwargs), Trainer would scale it by the world size under DDP.
+    model.accepts_loss_kwargs = False
+    to_id = {name: i for i, name in enumerate(names)}
+    prepared = {split: prepare(ds, split, data_args, processor, to_id) for split, ds in raw.items()}
+    accuracy = load_metric("accuracy")
+
+    def compute_metrics(eval_pred):
+        predictions = np.argmax(eval_pred.predictions, axis=-1)
+        return accuracy.compute(predictions=predictions, references=eval_pred.label_ids)
+
+    return TaskBundle(
+        model=model, processor=processor, train_dataset=prepared.get("train"),
+        eval_dataset=prepared.get("validation"), test_dataset=prepared.get("test"),
+        data_collator=DefaultDataCollator(), compute_metrics=compute_metrics,
+        main_metric="eval_accuracy", pipeline_task="image-classification",
+    )
