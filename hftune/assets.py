@@ -58,6 +58,7 @@ def cached_build(name, build):
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.partial-", dir=root))
         try:
             build(tmp)
+            tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
             os.rename(tmp, target)
         except OSError:
             if not target.is_dir():  # else another process finished first: use its copy

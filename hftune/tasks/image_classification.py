@@ -12,6 +12,7 @@ Example:
 """
 
 import numpy as np
+import torch
 import pyarrow as pa
 from datasets import ClassLabel, Image
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, DefaultDataCollator
@@ -94,8 +95,10 @@ def load_model(model_args, names):
     config = AutoConfig.from_pretrained(
         path, id2label=dict(enumerate(names)), label2id={name: i for i, name in enumerate(names)}, **common
     )
+    # float32 master weights whatever the checkpoint's dtype (transformers 5 keeps bf16 ones as bf16).
     model = AutoModelForImageClassification.from_pretrained(
-        path, config=config, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes, **common
+        path, config=config, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
+        dtype=torch.float32, **common
     )
     return model, processor
 

@@ -2,6 +2,7 @@
 texts or text pairs, with integer or string labels; metrics accuracy and macro-F1."""
 
 import numpy as np
+import torch
 from datasets import ClassLabel
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
@@ -59,8 +60,10 @@ def build(model_args, data_args, raw):
         path, num_labels=len(names), id2label=dict(enumerate(names)),
         label2id={name: i for i, name in enumerate(names)}, **common,
     )
+    # float32 master weights whatever the checkpoint's dtype (transformers 5 keeps bf16 ones as bf16).
     model = AutoModelForSequenceClassification.from_pretrained(
-        path, config=config, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes, **common
+        path, config=config, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
+        dtype=torch.float32, **common
     )
 
     # The classification loss is a per-example mean that ignores `num_items_in_batch`; without this,
