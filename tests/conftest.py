@@ -9,8 +9,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 from hftune.assets import get_asset, resolve_model
 
@@ -49,6 +51,48 @@ def tweets_csv(tmp_path, tweets):
     sample.iloc[:320].to_csv(tmp_path / "train.csv", index=False)
     sample.iloc[320:].to_csv(tmp_path / "validation.csv", index=False)
     return tmp_path / "train.csv", tmp_path / "validation.csv"
+
+
+CLASSES = {0: "zero", 1: "one", 2: "two"}  # digit classes used by the image tests
+SIZE = 32  # the tiny image processor's input size
+
+
+@pytest.fixture(scope="session")
+def tiny_resnet(tmp_path_factory):
+    """A 2-stage ResNet with a 5-class head (so the data's 3 classes force a new head), saved
+    with its image processor so the real from_pretrained path runs."""
+    import torch
+    from transformers import ConvNextImageProcessorPil, ResNetConfig, ResNetForImageClassification
+
+    path = tmp_path_factory.mktemp("tiny-resnet")
+    config = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=5)
+    torch.manual_seed(0)
+    ResNetForImageClassification(config).save_pretrained(path)
+    ConvNextImageProcessorPil(size={"shortest_edge": SIZE}).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """Real grayscale scans of the digits 0-2 as (PIL image, class name) pairs, upscaled to 24 px."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    keep = np.isin(data.target, list(CLASSES))
+    images = (data.images[keep] * (255 / 16)).astype(np.uint8)
+    return [(Image.fromarray(a).resize((24, 24)), CLASSES[t]) for a, t in zip(images, data.target[keep])]
+
+
+@pytest.fixture(scope="session")
+def digit_folders(digits, tmp_path_factory):
+    """train/<class>/*.png (150 images) and validation/<class>/*.png (60 images)."""
+    root = tmp_path_factory.mktemp("digits")
+    for i, (image, name) in enumerate(digits[:210]):
+        split = "train" if i < 150 else "validation"
+        (root / split / name).mkdir(parents=True, exist_ok=True)
+        image.save(root / split / name / f"{i}.png")
+    return root / "train", root / "validation"
+
 
 
 def read_json(path):

@@ -12,58 +12,19 @@ from datasets import Dataset, DatasetDict
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-from conftest import logged_losses, read_json
+from conftest import CLASSES, SIZE, logged_losses, read_json
 from hftune import assets
 from hftune.config import DataArguments, ModelArguments
 from hftune.errors import HftuneError
 from hftune.run import main
 from hftune.tasks import image_classification
 
-CLASSES = {0: "zero", 1: "one", 2: "two"}
-SIZE = 32  # the tiny processor's input size
 
 
 @pytest.fixture(autouse=True)
 def offline(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HFTUNE_ASSETS_CACHE", str(tmp_path / "assets"))
-
-
-@pytest.fixture(scope="module")
-def tiny_resnet(tmp_path_factory):
-    """A 2-stage ResNet with a 5-class head (so the data's 3 classes force a new head), saved
-    with its image processor so the real from_pretrained path runs."""
-    import torch
-    from transformers import ConvNextImageProcessorPil, ResNetConfig, ResNetForImageClassification
-
-    path = tmp_path_factory.mktemp("tiny-resnet")
-    config = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=5)
-    torch.manual_seed(0)
-    ResNetForImageClassification(config).save_pretrained(path)
-    ConvNextImageProcessorPil(size={"shortest_edge": SIZE}).save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    """Real grayscale scans of the digits 0-2 as (PIL image, class name) pairs, upscaled to 24 px."""
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    keep = np.isin(data.target, list(CLASSES))
-    images = (data.images[keep] * (255 / 16)).astype(np.uint8)
-    return [(Image.fromarray(a).resize((24, 24)), CLASSES[t]) for a, t in zip(images, data.target[keep])]
-
-
-@pytest.fixture(scope="module")
-def digit_folders(digits, tmp_path_factory):
-    """train/<class>/*.png (150 images) and validation/<class>/*.png (60 images)."""
-    root = tmp_path_factory.mktemp("digits")
-    for i, (image, name) in enumerate(digits[:210]):
-        split = "train" if i < 150 else "validation"
-        (root / split / name).mkdir(parents=True, exist_ok=True)
-        image.save(root / split / name / f"{i}.png")
-    return root / "train", root / "validation"
 
 
 def png_bytes(image):

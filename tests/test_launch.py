@@ -50,3 +50,18 @@ def test_two_process_ddp_shards_and_matches_one_process(tiny_bert, tweets_csv, t
         assert abs(a - b) < 1e-4, (a, b)
     config = yaml.safe_load((tmp_path / "two/hftune_config.yaml").read_text())
     assert config["use_cpu"] is True
+
+
+def test_two_process_ddp_image_loss_is_not_scaled_by_world_size(tiny_resnet, digit_folders, tmp_path):
+    """ResNet's loss is a per-image mean: under DDP it must not be multiplied by the world size.
+    (BatchNorm statistics come from each rank's half batch, so only the scale is compared.)"""
+    train, validation = digit_folders
+    common = ["--config", "image_classification", "--model_name_or_path", tiny_resnet, "--train_file", str(train),
+              "--validation_file", str(validation), "--max_steps", "3", "--logging_steps", "1",
+              "--disable_tqdm", "true", "--seed", "7", "--train_sampling_strategy", "sequential"]
+    launch("single_device.yaml", 1, common + ["--output_dir", str(tmp_path / "one"),
+                                              "--per_device_train_batch_size", "16"], tmp_path)
+    launch("ddp.yaml", 2, common + ["--output_dir", str(tmp_path / "two"),
+                                    "--per_device_train_batch_size", "8"], tmp_path)
+    one, two = logged_losses(tmp_path / "one")[0], logged_losses(tmp_path / "two")[0]
+    assert 0.8 < two / one < 1.25, (one, two)
