@@ -183,9 +183,8 @@ def choose_data_source(recipe, cli, path):
         if cli_flags & set(chosen):
             recipe = {k: v for k, v in recipe.items() if k not in other}
     recipe_keys = {k for k, v in recipe.items() if v is not None}
-    for layer, keys in ((recipe, recipe_keys), (None, cli_flags)):
-        if keys & {"dataset_name"} and keys & set(FILE_SOURCES):
-            where = path if layer is not None else "the command line"
+    for where, keys in ((path, recipe_keys), ("the command line", cli_flags)):
+        if "dataset_name" in keys and keys & set(FILE_SOURCES):
             raise HftuneError(f"{where} sets both dataset_name and train/validation/test files; keep one.")
     return recipe
 
@@ -211,8 +210,7 @@ def parse_config(argv=None):
     if remaining:
         flag = next((r for r in remaining if r.startswith("--")), remaining[0])
         raise HftuneError(f"unknown argument '{flag}'.{closest(flag.lstrip('-'), field_names())}")
-    model_args, data_args, training_args = parsed[:3]
-    training_args.hftune_recipe = str(path)
+    model_args, data_args, training_args = parsed[:3]  # parsed[3]: the namespace holding --config
     return model_args, data_args, training_args
 
 

@@ -30,9 +30,10 @@ def setup_logging(training_args):
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S",
         handlers=[logging.StreamHandler(sys.stdout)],
     )
-    level = training_args.get_process_log_level()
-    for log in (logger, transformers.utils.logging, datasets.utils.logging):
-        log.setLevel(level) if log is logger else log.set_verbosity(level)
+    level = training_args.get_process_log_level()  # replicas log less than the main process
+    logger.setLevel(level)
+    transformers.utils.logging.set_verbosity(level)
+    datasets.utils.logging.set_verbosity(level)
 
 
 def check_output_dir(training_args):
