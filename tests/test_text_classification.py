@@ -90,3 +90,25 @@ def test_default_recipe_runs_offline_with_real_weights(tmp_path, capsys):
     assert results["eval_samples"] == 128 and results["eval_accuracy"] == evals[-1]
     model = AutoModelForSequenceClassification.from_pretrained(out)
     assert model.config.id2label == {0: "negative", 1: "neutral", 2: "positive"}
+
+
+def test_resume_from_latest_checkpoint(tiny_bert, tweets_csv, tmp_path):
+    train, validation = tweets_csv
+    out = tmp_path / "out"
+    first = run_args(tiny_bert, out, train_file=train, validation_file=validation, label_column="sentiment",
+                     save_strategy="steps", save_steps=4)
+    main(first + ["--max_steps", "4"])
+    assert (out / "checkpoint-4").is_dir()
+    main(first + ["--max_steps", "6", "--resume_from_checkpoint", "true"])
+    history = read_json(out / "trainer_state.json")["log_history"]
+    steps = [e["step"] for e in history if "loss" in e]
+    assert steps == [1, 2, 3, 4, 5, 6]  # the first 4 come from the checkpoint's state, then 5 and 6
+    assert read_json(out / "trainer_state.json")["global_step"] == 6
+
+
+def test_dataset_name_loads_through_load_dataset(tiny_bert, tweets_csv, tmp_path):
+    """dataset_name goes straight to datasets.load_dataset (a Hub id there; a local folder here)."""
+    train, validation = tweets_csv
+    out = tmp_path / "out"
+    main(run_args(tiny_bert, out, dataset_name=train.parent, label_column="sentiment", max_steps=2))
+    assert read_json(out / "all_results.json")["eval_samples"] == 80  # validation.csv found by name
