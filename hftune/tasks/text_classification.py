@@ -39,19 +39,8 @@ def check_labels(raw, label_column, names):
             )
 
 
-def build(model_args, data_args, raw):
-    from hftune.tasks import TaskBundle
-
-    for split, dataset in raw.items():
-        require_columns(
-            dataset, split, text_column=data_args.text_column, text_pair_column=data_args.text_pair_column,
-            label_column=data_args.label_column if split != "test" else None,
-        )
-    names = label_names(raw, data_args.label_column)
-    if len(names) < 2:
-        raise HftuneError(f"label_column '{data_args.label_column}' has a single class {names}; need at least 2.")
-    check_labels(raw, data_args.label_column, names)
-
+def load_model(model_args, names):
+    """Pretrained encoder + a new head with one output per class name."""
     path = resolve_model(model_args.model_name_or_path)
     common = dict(revision=model_args.model_revision, cache_dir=model_args.cache_dir,
                   trust_remote_code=model_args.trust_remote_code)
@@ -65,12 +54,16 @@ def build(model_args, data_args, raw):
         path, config=config, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
         dtype=torch.float32, **common
     )
-
     # The classification loss is a per-example mean that ignores `num_items_in_batch`; without this,
     # Trainer multiplies it by the world size under DDP (2x loss and gradient on 2 processes).
     model.accepts_loss_kwargs = False
+    return model, tokenizer
 
-    max_length = min(data_args.max_seq_length, tokenizer.model_max_length)
+
+def tokenize_splits(raw, tokenizer, data_args, names):
+    """input_ids (+ pair segments) and `labels` as ids 0..n-1, cached by datasets per split."""
+    limit = tokenizer.model_max_length
+    max_length = min(data_args.max_seq_length or limit, limit)
     text, pair, label = data_args.text_column, data_args.text_pair_column, data_args.label_column
     to_id = {name: i for i, name in enumerate(names)}
 
@@ -85,26 +78,45 @@ def build(model_args, data_args, raw):
             encoded["labels"] = [to_id[str(v)] for v in values]
         return encoded
 
-    tokenized = {
+    return {
         split: ds.map(preprocess, batched=True, remove_columns=ds.column_names,
                       fn_kwargs={"label_feature": ds.features.get(label)},
                       num_proc=data_args.preprocessing_num_workers, desc=f"tokenizing {split}")
         for split, ds in raw.items()
     }
 
+
+def accuracy_and_macro_f1():
     accuracy, f1 = load_metric("accuracy"), load_metric("f1")
 
     def compute_metrics(eval_pred):
-        predictions = np.argmax(eval_pred.predictions, axis=-1)
-        references = eval_pred.label_ids
+        predictions, references = np.argmax(eval_pred.predictions, axis=-1), eval_pred.label_ids
         return {
             **accuracy.compute(predictions=predictions, references=references),
             "f1_macro": f1.compute(predictions=predictions, references=references, average="macro")["f1"],
         }
 
+    return compute_metrics
+
+
+def build(model_args, data_args, raw):
+    from hftune.tasks import TaskBundle
+
+    for split, dataset in raw.items():
+        require_columns(
+            dataset, split, text_column=data_args.text_column, text_pair_column=data_args.text_pair_column,
+            label_column=data_args.label_column if split != "test" else None,
+        )
+    names = label_names(raw, data_args.label_column)
+    if len(names) < 2:
+        raise HftuneError(f"label_column '{data_args.label_column}' has a single class {names}; need at least 2.")
+    check_labels(raw, data_args.label_column, names)
+
+    model, tokenizer = load_model(model_args, names)
+    tokenized = tokenize_splits(raw, tokenizer, data_args, names)
     return TaskBundle(
         model=model, processor=tokenizer, train_dataset=tokenized.get("train"),
         eval_dataset=tokenized.get("validation"), test_dataset=tokenized.get("test"),
-        data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=compute_metrics,
+        data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=accuracy_and_macro_f1(),
         main_metric="eval_accuracy", pipeline_task="text-classification",
     )
