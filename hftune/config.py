@@ -7,6 +7,7 @@ Example:
 
 import argparse
 import json
+import re
 import os
 import sys
 from dataclasses import dataclass, field, fields
@@ -99,6 +100,29 @@ class HftuneTrainingArguments(TrainingArguments):
 
 CONFIG_CLASSES = (ModelArguments, DataArguments, HftuneTrainingArguments)
 
+# Data fields that only some task families read: setting one for another task is an error, not a no-op.
+TASK_FIELDS = {
+    "text_column": ("text-classification", "causal-lm"),
+    "max_seq_length": ("text-classification", "causal-lm"),
+    "text_pair_column": ("text-classification",),
+    "block_size": ("causal-lm",),
+    "concatenate_texts": ("causal-lm",),
+    "image_column": ("image-classification",),
+}
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """YAML 1.2 booleans: only true/false, so `eval_strategy: no` stays the string 'no'."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [r for r in resolvers if r[0] != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
 
 class _OneLineErrorParser(HfArgumentParser):
     """argparse prints the full usage (hundreds of options) on error; print one line instead."""
@@ -128,8 +152,8 @@ def recipe_path(name_or_path):
     """A YAML file on disk, or the name of a recipe shipped in hftune/recipes."""
     if os.path.isfile(name_or_path):
         return Path(name_or_path)
-    shipped = resources.files("hftune") / "recipes" / f"{Path(name_or_path).stem}.yaml"
-    if shipped.is_file():
+    shipped = resources.files("hftune") / "recipes" / f"{name_or_path}.yaml"
+    if os.sep not in name_or_path and shipped.is_file():  # a bare name, never a mistyped path
         return Path(str(shipped))
     names = sorted(p.name[: -len(".yaml")] for p in (resources.files("hftune") / "recipes").iterdir())
     raise HftuneError(f"config file '{name_or_path}' not found; pass a YAML path or a shipped recipe: {names}.")
@@ -137,7 +161,7 @@ def recipe_path(name_or_path):
 
 def load_recipe(path):
     try:
-        recipe = yaml.safe_load(Path(path).read_text()) or {}
+        recipe = yaml.load(Path(path).read_text(), Loader=_Yaml12Loader) or {}
     except yaml.YAMLError as err:
         raise HftuneError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(recipe, dict):
@@ -149,22 +173,33 @@ def load_recipe(path):
     return recipe
 
 
+def _declared_type(name):
+    """The annotation as written: HfArgumentParser rewrites dataclass `field.type` in place
+    (`str | list[str]` becomes `str`), but not the classes' `__annotations__`."""
+    for cls in CONFIG_CLASSES:
+        for klass in cls.__mro__:
+            annotations = vars(klass).get("__annotations__", {})
+            if name in annotations:
+                return str(annotations[name])
+    return ""
+
+
 def recipe_to_argv(recipe):
     """YAML values become CLI tokens placed before the user's flags: argparse then type-checks
-    both the same way, and the last occurrence (the CLI's) wins."""
-    argv, nulls = [], {}
+    both the same way, and the last occurrence (the CLI's) wins. `--key=value` keeps values that
+    start with '-' intact. Nulls, and lists for `str | list[str]` fields such as report_to (which
+    the CLI can only give one value), become parser defaults instead."""
+    argv, defaults = [], {}
     for key, value in recipe.items():
-        if value is None or value == []:
-            nulls[key] = value
-        elif isinstance(value, bool):
-            argv += [f"--{key}", str(value).lower()]
+        if value is None or (isinstance(value, list) and "list" in _declared_type(key)):
+            defaults[key] = value
         elif isinstance(value, list):
-            argv += [f"--{key}", *map(str, value)]
+            raise HftuneError(f"{key} takes a single value, got the list {value}.")
         elif isinstance(value, dict):
-            argv += [f"--{key}", json.dumps(value)]
+            argv.append(f"--{key}={json.dumps(value)}")
         else:
-            argv += [f"--{key}", str(value)]
-    return argv, nulls
+            argv.append(f"--{key}={str(value).lower() if isinstance(value, bool) else value}")
+    return argv, defaults
 
 
 FILE_SOURCES = ("train_file", "validation_file", "test_file")
@@ -172,7 +207,7 @@ HUB_SOURCES = ("dataset_name", "dataset_config_name")
 
 
 def _flags(argv):
-    return {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}
+    return {a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")}
 
 
 def choose_data_source(recipe, cli, path):
@@ -197,29 +232,53 @@ def parse_config(argv=None):
     known, cli = pre.parse_known_args(argv)
     path = recipe_path(known.config)
     recipe = choose_data_source(load_recipe(path), cli, path)
-    recipe_argv, nulls = recipe_to_argv(recipe)
-
     parser = build_parser()
+    recipe_argv, defaults = recipe_to_argv(recipe)
     if not torch.accelerator.is_available():
         # Without this, a multi-process launch on a GPU-less machine silently runs N unsynchronised jobs.
         parser.set_defaults(use_cpu=True)
-    parser.set_defaults(**nulls)
-    *parsed, remaining = parser.parse_args_into_dataclasses(
-        args=recipe_argv + cli, return_remaining_strings=True, look_for_args_file=False
-    )
+    parser.set_defaults(**defaults)
+    try:
+        *parsed, remaining = parser.parse_args_into_dataclasses(
+            args=recipe_argv + cli, return_remaining_strings=True, look_for_args_file=False
+        )
+    except HftuneError:
+        raise
+    except ValueError as err:  # TrainingArguments.__post_init__ refusing a combination
+        raise HftuneError(str(err).strip().splitlines()[0]) from None
     if remaining:
         flag = next((r for r in remaining if r.startswith("--")), remaining[0])
         raise HftuneError(f"unknown argument '{flag}'.{closest(flag.lstrip('-'), field_names())}")
     model_args, data_args, training_args = parsed[:3]  # parsed[3]: the namespace holding --config
+    check_data_args(data_args)
     return model_args, data_args, training_args
 
 
+def check_data_args(data_args):
+    """Refuse values that would be silently ignored or make no sense, naming the key."""
+    from hftune.tasks import get_task  # validates the task name
+
+    get_task(data_args.task)
+    for name, tasks in TASK_FIELDS.items():
+        default = DataArguments.__dataclass_fields__[name].default
+        if data_args.task not in tasks and getattr(data_args, name) != default:
+            raise HftuneError(f"{name} does not apply to task {data_args.task} (only {', '.join(tasks)}); drop it.")
+    if not 0 <= data_args.validation_split_percentage < 100:
+        raise HftuneError(
+            f"validation_split_percentage must be in [0, 100), got {data_args.validation_split_percentage}."
+        )
+
+
 def resolved_config(model_args, data_args, training_args):
-    """All fields as one flat mapping; TrainingArguments.to_dict() already redacts tokens."""
+    """All fields as one flat mapping, ready to be re-read with --config."""
     resolved = {}
     for args in (model_args, data_args):
         resolved.update({f.name: getattr(args, f.name) for f in fields(args)})
     resolved.update(training_args.to_dict())
+    # Secrets never go to disk, and a re-run on another machine picks its own device.
+    resolved = {k: v for k, v in resolved.items() if not k.endswith("_token")}
+    if not torch.accelerator.is_available() and resolved.get("use_cpu"):
+        resolved.pop("use_cpu")
     return json.loads(json.dumps(resolved, default=str))  # enums and paths as plain values
 
 

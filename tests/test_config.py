@@ -32,14 +32,36 @@ def test_yaml_types_are_checked_like_cli(tmp_path):
 
 def test_yaml_lists_bools_dicts_and_nulls(tmp_path):
     recipe = write_recipe(
-        tmp_path, report_to=["none"], concatenate_texts=False,
-        lr_scheduler_kwargs={"num_cycles": 2}, max_seq_length=None,
+        tmp_path, task="causal-lm", report_to=["tensorboard", "none"], concatenate_texts=False,
+        lr_scheduler_kwargs={"num_cycles": 2}, max_seq_length=None, run_name="-exp1", eval_strategy="no",
     )
+    text = open(recipe).read()
+    assert "eval_strategy: 'no'" in text
+    open(recipe, "w").write(text.replace("eval_strategy: 'no'", "eval_strategy: no"))  # unquoted, as people write
     _, data_args, args = parse_config(["--config", recipe])
-    assert args.report_to == [] or args.report_to == ["none"] or args.report_to == "none"
+    assert args.report_to == ["tensorboard", "none"]
+    assert args.run_name == "-exp1" and args.eval_strategy == "no"
     assert data_args.concatenate_texts is False
     assert args.lr_scheduler_kwargs == {"num_cycles": 2}
     assert data_args.max_seq_length is None
+
+
+def test_a_list_for_a_scalar_field_is_a_type_error(tmp_path):
+    with pytest.raises(HftuneError, match="label_column takes a single value"):
+        parse_config(["--config", write_recipe(tmp_path, label_column=["a", "b"])])
+
+
+def test_fields_of_another_task_are_refused(tmp_path):
+    with pytest.raises(HftuneError, match="block_size does not apply to task text-classification"):
+        parse_config(["--config", write_recipe(tmp_path, block_size=64)])
+    with pytest.raises(HftuneError, match="image_column does not apply to task causal-lm"):
+        parse_config(["--config", write_recipe(tmp_path, task="causal-lm", image_column="img")])
+
+
+def test_training_arguments_refusals_become_one_line(tmp_path):
+    recipe = write_recipe(tmp_path, load_best_model_at_end=True, eval_strategy="steps", save_strategy="epoch")
+    with pytest.raises(HftuneError, match="load_best_model_at_end"):
+        parse_config(["--config", recipe])
 
 
 def test_unknown_yaml_key_suggests_closest(tmp_path):
@@ -56,6 +78,9 @@ def test_unknown_cli_flag_suggests_closest(tmp_path):
 def test_missing_config_file_lists_shipped_recipes():
     with pytest.raises(HftuneError, match="config file 'nope.yaml' not found.*text_classification"):
         parse_config(["--config", "nope.yaml"])
+    # A mistyped path is an error even when its file name matches a shipped recipe.
+    with pytest.raises(HftuneError, match="config file 'my_exps/causal_lm.yaml' not found"):
+        parse_config(["--config", "my_exps/causal_lm.yaml"])
 
 
 def test_help_lists_every_field_with_its_help():
@@ -86,6 +111,8 @@ def test_cli_files_replace_the_recipes_dataset(tmp_path):
     assert (data_args.dataset_name, data_args.dataset_config_name, data_args.train_file) == (None, None, "my.csv")
     _, data_args, _ = parse_config(["--train_file", "my.csv"])  # the default recipe's data set too
     assert data_args.dataset_name is None
+    _, data_args, _ = parse_config(["--train-file", "my.csv"])  # argparse's dashed alias
+    assert (data_args.dataset_name, data_args.train_file) == (None, "my.csv")
 
 
 def test_dataset_name_and_files_together_is_an_error(tmp_path):
