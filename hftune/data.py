@@ -10,7 +10,7 @@ Example:
 import os
 from pathlib import Path
 
-from datasets import DatasetDict, load_dataset
+from datasets import ClassLabel, DatasetDict, load_dataset
 from datasets.exceptions import DatasetGenerationError
 
 from hftune.assets import get_asset, is_asset
@@ -82,20 +82,27 @@ def _load(data_args, cache_dir):
 def _carve_validation(raw, percentage, seed):
     if "validation" in raw or "train" not in raw:
         return raw
-    if not 0 < percentage < 100:
+    if percentage == 0:
         return raw
     split = raw["train"].train_test_split(test_size=percentage / 100, seed=seed)
     raw["train"], raw["validation"] = split["train"], split["test"]
     return raw
 
 
-def _limit(raw, split, n):
-    if n is not None and split in raw and len(raw[split]) > n:
-        raw[split] = raw[split].select(range(n))
+def limit_splits(splits, data_args):
+    """The first max_train_samples / max_eval_samples examples of train / validation. Tasks call
+    it where HF's example scripts apply them: on rows for classification (before tokenizing),
+    on blocks for a packed causal LM (after grouping)."""
+    limits = {"train": data_args.max_train_samples, "validation": data_args.max_eval_samples}
+    return {
+        split: ds.select(range(limits[split])) if limits.get(split) is not None and len(ds) > limits[split] else ds
+        for split, ds in splits.items()
+    }
 
 
-def load_raw_datasets(data_args, seed=42, cache_dir=None):
-    """DatasetDict with 'train' and, where the data allows, 'validation' and 'test'."""
+def load_raw_datasets(data_args, seed=42, cache_dir=None, keep_test=False):
+    """DatasetDict with 'train', 'validation' where the data allows, and 'test' if keep_test.
+    Other splits (e.g. an unlabelled 'unsupervised') are left out."""
     try:
         raw = _load(data_args, cache_dir)
     except HftuneError:
@@ -105,11 +112,13 @@ def load_raw_datasets(data_args, seed=42, cache_dir=None):
     except DatasetGenerationError as err:
         cause = str(err.__cause__ or err).splitlines()[0]
         raise HftuneError(f"could not read the data ({cause}); check that no file is empty or malformed.") from None
-    except (FileNotFoundError, ValueError) as err:
+    except (OSError, ValueError) as err:  # missing files, no network, unknown data set
         raise HftuneError(f"could not load the data set: {str(err).splitlines()[0]}") from None
-    raw = _carve_validation(DatasetDict(raw), data_args.validation_split_percentage, seed)
-    _limit(raw, "train", data_args.max_train_samples)
-    _limit(raw, "validation", data_args.max_eval_samples)
+    wanted = ("train", "validation", "test") if keep_test else ("train", "validation")
+    raw = DatasetDict({split: ds for split, ds in raw.items() if split in wanted})
+    if "train" not in raw:
+        raise HftuneError("the data has no train split; set train_file, or a dataset_name that has one.")
+    raw = _carve_validation(raw, data_args.validation_split_percentage, seed)
     for split, dataset in raw.items():
         if len(dataset) == 0:
             raise HftuneError(f"the {split} split is empty; check the data file or max_*_samples.")
@@ -124,3 +133,37 @@ def require_columns(dataset, split, **columns):
                 f"{key} '{column}' is not a column of the {split} split.{closest(column, dataset.column_names)} "
                 f"Columns: {dataset.column_names}."
             )
+
+
+def class_names(raw, label_column):
+    """Class names in id order (a ClassLabel's own names, else the sorted values seen in train),
+    after checking every split's labels: none missing, none unlabelled (-1), none unseen in train."""
+    feature = raw["train"].features[label_column]
+    if isinstance(feature, ClassLabel):
+        names = list(feature.names)
+    else:
+        values = raw["train"].unique(label_column)
+        if any(v is None for v in values):
+            raise HftuneError(f"label_column '{label_column}' has empty labels in the train split; drop or fill them.")
+        names = [str(v) for v in sorted(values)]
+    if len(names) < 2:
+        raise HftuneError(f"label_column '{label_column}' has a single class {names}; need at least 2.")
+    for split, dataset in raw.items():
+        _check_split_labels(dataset, split, label_column, set(names), names)
+    return names
+
+
+def _check_split_labels(dataset, split, label_column, known, names):
+    feature = dataset.features[label_column]
+    if isinstance(feature, ClassLabel):
+        if -1 in dataset.unique(label_column):  # how HF data sets mark unlabelled rows (e.g. GLUE test)
+            raise HftuneError(f"the {split} split has unlabelled rows (label -1); use a labelled split.")
+        values = feature.names
+    else:
+        values = dataset.unique(label_column)
+    unseen = sorted(str(v) for v in values if str(v) not in known)
+    if unseen:
+        raise HftuneError(
+            f"the {split} split has label(s) {unseen[:5]} that never occur in train (labels: {names}); "
+            "fix the data or carve validation from train."
+        )

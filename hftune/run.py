@@ -36,12 +36,12 @@ def setup_logging(training_args):
     datasets.utils.logging.set_verbosity(level)
 
 
-def check_output_dir(training_args):
+def check_output_dir(training_args, checkpoint):
     """Never write into someone's results by accident."""
     out = training_args.output_dir
     if not (os.path.isdir(out) and os.listdir(out)):
         return
-    if training_args.overwrite_output_dir or training_args.resume_from_checkpoint:
+    if training_args.overwrite_output_dir or checkpoint is not None:
         return
     raise HftuneError(
         f"output_dir '{out}' is not empty; choose another output_dir, set overwrite_output_dir: true, "
@@ -67,20 +67,30 @@ def resolve_checkpoint(training_args):
     return resume
 
 
+def check_inputs(model_args, data_args, training_args):
+    if not model_args.model_name_or_path:
+        raise HftuneError("model_name_or_path is not set; give a Hub id, a local checkpoint folder or an asset:NAME.")
+    if data_args.test_file and not training_args.do_predict:
+        raise HftuneError("test_file is set but do_predict is false, so it would be ignored; set do_predict: true.")
+
+
 def setup(model_args, data_args, training_args):
     setup_logging(training_args)
+    check_inputs(model_args, data_args, training_args)
     task = get_task(data_args.task)
-    check_output_dir(training_args)
     checkpoint = resolve_checkpoint(training_args)
+    check_output_dir(training_args, checkpoint)
     set_seed(training_args.seed)  # before the model is built: a new head's init depends on it
     with training_args.main_process_first(desc="loading and preprocessing"):
-        raw = load_raw_datasets(data_args, seed=training_args.seed, cache_dir=model_args.cache_dir)
+        raw = load_raw_datasets(data_args, training_args.seed, model_args.cache_dir, keep_test=training_args.do_predict)
         try:
             bundle = task.build(model_args, data_args, raw)
         except OSError as err:  # what from_pretrained raises for a missing folder or Hub id
             raise HftuneError(
                 f"could not load model_name_or_path '{model_args.model_name_or_path}': {str(err).splitlines()[0]}"
             ) from None
+    if training_args.do_predict and bundle.test_dataset is None:
+        raise HftuneError("do_predict needs a test split: set test_file, or a dataset_name that has one.")
     save_resolved_config(model_args, data_args, training_args)
     return build_trainer(bundle, training_args), bundle, checkpoint
 
@@ -95,13 +105,17 @@ def train(trainer, bundle, training_args, checkpoint):
         trainer.save_metrics("train", metrics)
         trainer.save_state()
     if training_args.do_eval and bundle.eval_dataset is not None:
-        eval_metrics = trainer.evaluate()
-        if bundle.derived_metrics:
-            eval_metrics.update(bundle.derived_metrics(eval_metrics))
-        eval_metrics["eval_samples"] = len(bundle.eval_dataset)
-        trainer.log_metrics("eval", eval_metrics)
-        trainer.save_metrics("eval", eval_metrics)
-        metrics.update(eval_metrics)
+        metrics.update(evaluate(trainer, bundle.eval_dataset, "eval"))
+    if training_args.do_predict:
+        metrics.update(evaluate(trainer, bundle.test_dataset, "test"))
+    return metrics
+
+
+def evaluate(trainer, dataset, split):
+    """Evaluate on a labelled split; its metrics are logged and saved as <split>_results.json."""
+    metrics = {**trainer.evaluate(dataset, metric_key_prefix=split), f"{split}_samples": len(dataset)}
+    trainer.log_metrics(split, metrics)
+    trainer.save_metrics(split, metrics)
     return metrics
 
 

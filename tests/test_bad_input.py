@@ -111,3 +111,28 @@ def test_module_and_console_script_entry_points(entry, tmp_path):
     result = subprocess.run(cmd + ["--task", "nope", "--output_dir", str(tmp_path)], capture_output=True, text=True)
     assert result.returncode == 2 and "unknown task 'nope'" in result.stderr
     assert subprocess.run(cmd + ["--help"], capture_output=True, text=True).stdout.count("--model_name_or_path") >= 1
+
+
+def test_resume_false_does_not_unlock_a_non_empty_output_dir(capsys, base, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.txt").write_text("precious")
+    line = fail(capsys, base + ["--resume_from_checkpoint", "false"])
+    assert "is not empty" in line and (out / "results.txt").read_text() == "precious"
+
+
+def test_no_train_split(capsys, base):
+    assert base[2] == "--train_file"
+    line = fail(capsys, base[:2] + base[4:])  # only a validation_file
+    assert "no train split" in line
+
+
+def test_test_file_without_do_predict_would_be_ignored(capsys, base, tweets_csv):
+    _, validation = tweets_csv
+    line = fail(capsys, base + ["--test_file", str(validation)])
+    assert "test_file is set but do_predict is false" in line
+
+
+def test_model_name_or_path_unset(capsys, base):
+    line = fail(capsys, base + ["--model_name_or_path", ""])
+    assert "model_name_or_path is not set" in line

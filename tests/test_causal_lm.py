@@ -175,3 +175,18 @@ def test_smollm2_asset_converts_once(tmp_path, monkeypatch):
         generated = model.generate(**batch, max_new_tokens=5, do_sample=False)
     assert torch.isfinite(loss) and loss < 6  # a trained model, far below uniform ln(49152) = 10.8
     assert generated.shape[1] == batch["input_ids"].shape[1] + 5 or generated[0, -1] == tokenizer.eos_token_id
+
+
+def test_perplexity_in_every_evaluation_and_as_best_model_metric(tmp_path, tiny_llama, tweet_jsonl):
+    recipe, out = write_recipe(
+        tmp_path, tiny_llama, *tweet_jsonl, block_size=32, eval_strategy="steps", eval_steps=6,
+        save_strategy="steps", save_steps=6, load_best_model_at_end=True, metric_for_best_model="perplexity",
+        greater_is_better=False, max_eval_samples=10,
+    )
+    main(["--config", recipe])
+    state = json.loads(open(f"{out}/trainer_state.json").read())
+    during = [e["eval_perplexity"] for e in state["log_history"] if "eval_perplexity" in e]
+    assert len(during) == 2  # steps 6 and 12; state is saved before the final evaluation
+    assert state["best_metric"] == pytest.approx(min(during))
+    results = json.loads(open(f"{out}/all_results.json").read())
+    assert results["eval_samples"] == 10  # max_eval_samples counts blocks, as in run_clm.py

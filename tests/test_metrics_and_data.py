@@ -3,13 +3,14 @@
 import evaluate
 import numpy as np
 import pytest
-from datasets import Dataset, DatasetDict
+from datasets import ClassLabel, Dataset, DatasetDict
 from huggingface_hub import constants
 from sklearn.metrics import accuracy_score, f1_score
 
 from hftune import metrics
 from hftune.config import DataArguments, ModelArguments
-from hftune.data import load_raw_datasets
+from hftune.data import class_names, load_raw_datasets
+from hftune.errors import HftuneError
 from hftune.metrics import load_metric, local_metric_path
 from hftune.tasks import text_classification
 
@@ -90,6 +91,17 @@ def test_preprocessing_is_cached_and_reused(tiny_bert, tweets_csv):
 
 def test_integer_and_classlabel_labels_map_to_the_same_ids():
     raw = DatasetDict({"train": Dataset.from_dict({"text": ["a", "b", "c"], "label": [2, 0, 2]})})
-    assert text_classification.label_names(raw, "label") == ["0", "2"]
+    assert class_names(raw, "label") == ["0", "2"]
     raw["train"] = raw["train"].class_encode_column("label")
-    assert text_classification.label_names(raw, "label") == ["0", "2"]
+    assert class_names(raw, "label") == ["0", "2"]
+
+
+def test_unlabelled_classlabel_rows_are_refused():
+    """GLUE-style test splits mark missing labels with -1: never silently map them to a class."""
+    feature = ClassLabel(names=["neg", "pos"])
+    raw = DatasetDict({
+        "train": Dataset.from_dict({"label": [0, 1]}).cast_column("label", feature),
+        "validation": Dataset.from_dict({"label": [1, -1]}).cast_column("label", feature),
+    })
+    with pytest.raises(HftuneError, match="validation split has unlabelled rows"):
+        class_names(raw, "label")

@@ -17,7 +17,7 @@ def eval_history(out, key):
 def test_causal_lm_recipe_lowers_perplexity(tmp_path):
     out = tmp_path / "clm"
     main(["--config", "causal_lm", "--output_dir", str(out), "--max_steps", "4", "--eval_steps", "4",
-          "--max_train_samples", "200", "--max_eval_samples", "40", *SHORT])
+          "--max_train_samples", "64", "--max_eval_samples", "8", *SHORT])
     losses = eval_history(out, "eval_loss")
     assert losses[-1] < losses[0], losses
     results = read_json(out / "all_results.json")

@@ -112,3 +112,13 @@ def test_dataset_name_loads_through_load_dataset(tiny_bert, tweets_csv, tmp_path
     out = tmp_path / "out"
     main(run_args(tiny_bert, out, dataset_name=train.parent, label_column="sentiment", max_steps=2))
     assert read_json(out / "all_results.json")["eval_samples"] == 80  # validation.csv found by name
+
+
+def test_do_predict_evaluates_the_test_split(tiny_bert, tweets_csv, tmp_path):
+    train, validation = tweets_csv
+    out = tmp_path / "out"
+    main(run_args(tiny_bert, out, train_file=train, validation_file=validation, test_file=validation,
+                  label_column="sentiment", max_steps=2, do_predict="true"))
+    results = read_json(out / "all_results.json")
+    assert results["test_samples"] == 80 and results["test_accuracy"] == results["eval_accuracy"]  # same rows
+    assert (out / "test_results.json").is_file()

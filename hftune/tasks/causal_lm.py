@@ -22,7 +22,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, default_data_collator
 
 from hftune.assets import resolve_model
-from hftune.data import require_columns
+from hftune.data import limit_splits, require_columns
 from hftune.errors import HftuneError
 
 logger = logging.getLogger("hftune")
@@ -117,17 +117,20 @@ def prepare(raw, tokenizer, data_args, length):
 
 
 def perplexity(metrics):
-    """{'eval_perplexity': exp(eval_loss)}; inf once the loss is too large for exp (> ~709).
+    """`<prefix>_perplexity` = exp(`<prefix>_loss`) for each evaluation loss in a log line; inf
+    once the loss is too large for exp (> ~709).
 
-    >>> perplexity({"eval_loss": 0.0})
+    >>> perplexity({"eval_loss": 0.0, "loss": 2.0})
     {'eval_perplexity': 1.0}
     """
-    if "eval_loss" not in metrics:
-        return {}
-    try:
-        return {"eval_perplexity": math.exp(metrics["eval_loss"])}
-    except OverflowError:
-        return {"eval_perplexity": float("inf")}
+    derived = {}
+    for key, loss in metrics.items():
+        if key.endswith("_loss") and key != "train_loss":
+            try:
+                derived[key[: -len("loss")] + "perplexity"] = math.exp(loss)
+            except OverflowError:
+                derived[key[: -len("loss")] + "perplexity"] = float("inf")
+    return derived
 
 
 def build(model_args, data_args, raw):
@@ -139,7 +142,7 @@ def build(model_args, data_args, raw):
         raise HftuneError("block_size only applies with concatenate_texts: true; drop it or use max_seq_length.")
     model, tokenizer = load_model_and_tokenizer(model_args)
     length = context_limit(data_args, tokenizer, model)
-    prepared = prepare(raw, tokenizer, data_args, length)
+    prepared = limit_splits(prepare(raw, tokenizer, data_args, length), data_args)  # counts blocks, as run_clm
     collator = default_data_collator if data_args.concatenate_texts else DataCollatorForSeq2Seq(tokenizer)
     return TaskBundle(
         model=model, processor=tokenizer, train_dataset=prepared.get("train"),

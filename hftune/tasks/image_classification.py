@@ -18,10 +18,9 @@ from datasets import ClassLabel, Image
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, DefaultDataCollator
 
 from hftune.assets import resolve_model
-from hftune.data import require_columns
+from hftune.data import class_names, limit_splits, require_columns
 from hftune.errors import HftuneError
 from hftune.metrics import load_metric
-from hftune.tasks.text_classification import check_labels, label_names
 
 
 class ImageTransform:
@@ -109,19 +108,17 @@ def build(model_args, data_args, raw):
     for split, dataset in raw.items():
         require_columns(
             dataset, split, image_column=data_args.image_column,
-            label_column=data_args.label_column if split != "test" else None,
+            label_column=data_args.label_column,
         )
-    names = label_names(raw, data_args.label_column)
-    if len(names) < 2:
-        raise HftuneError(f"label_column '{data_args.label_column}' has a single class {names}; need at least 2.")
-    check_labels(raw, data_args.label_column, names)
+    names = class_names(raw, data_args.label_column)
 
     model, processor = load_model(model_args, names)
     # The loss is a per-image mean that ignores `num_items_in_batch`; left True (inferred from
     # forward's **kwargs), Trainer would scale it by the world size under DDP.
     model.accepts_loss_kwargs = False
     to_id = {name: i for i, name in enumerate(names)}
-    prepared = {split: prepare(ds, split, data_args, processor, to_id) for split, ds in raw.items()}
+    prepared = {split: prepare(ds, split, data_args, processor, to_id)
+                for split, ds in limit_splits(raw, data_args).items()}
     accuracy = load_metric("accuracy")
 
     def compute_metrics(eval_pred):

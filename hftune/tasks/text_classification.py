@@ -7,36 +7,8 @@ from datasets import ClassLabel
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
 from hftune.assets import resolve_model
-from hftune.data import require_columns
-from hftune.errors import HftuneError
+from hftune.data import class_names, limit_splits, require_columns
 from hftune.metrics import load_metric
-
-
-def label_names(raw, label_column):
-    """Class names in id order: a ClassLabel's own names, else the sorted values seen in train."""
-    feature = raw["train"].features[label_column]
-    if isinstance(feature, ClassLabel):
-        return list(feature.names)
-    values = raw["train"].unique(label_column)
-    if any(v is None for v in values):
-        raise HftuneError(f"label_column '{label_column}' has empty labels in the train split; drop or fill them.")
-    return [str(v) for v in sorted(values)]
-
-
-def check_labels(raw, label_column, names):
-    """A label in validation/test that train never shows cannot be learned: refuse early."""
-    known = set(names)
-    for split in ("validation", "test"):
-        if split not in raw or label_column not in raw[split].column_names:
-            continue
-        feature = raw[split].features[label_column]
-        values = feature.names if isinstance(feature, ClassLabel) else raw[split].unique(label_column)
-        unseen = sorted(str(v) for v in values if str(v) not in known)
-        if unseen:
-            raise HftuneError(
-                f"the {split} split has label(s) {unseen[:5]} that never occur in train (labels: {names}); "
-                "fix the data or carve validation from train."
-            )
 
 
 def load_model(model_args, names):
@@ -105,15 +77,12 @@ def build(model_args, data_args, raw):
     for split, dataset in raw.items():
         require_columns(
             dataset, split, text_column=data_args.text_column, text_pair_column=data_args.text_pair_column,
-            label_column=data_args.label_column if split != "test" else None,
+            label_column=data_args.label_column,
         )
-    names = label_names(raw, data_args.label_column)
-    if len(names) < 2:
-        raise HftuneError(f"label_column '{data_args.label_column}' has a single class {names}; need at least 2.")
-    check_labels(raw, data_args.label_column, names)
+    names = class_names(raw, data_args.label_column)
 
     model, tokenizer = load_model(model_args, names)
-    tokenized = tokenize_splits(raw, tokenizer, data_args, names)
+    tokenized = tokenize_splits(limit_splits(raw, data_args), tokenizer, data_args, names)
     return TaskBundle(
         model=model, processor=tokenizer, train_dataset=tokenized.get("train"),
         eval_dataset=tokenized.get("validation"), test_dataset=tokenized.get("test"),
