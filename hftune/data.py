@@ -61,6 +61,8 @@ def _local_files(data_args):
 
 def _load(data_args, cache_dir):
     if is_asset(data_args.dataset_name):
+        if data_args.dataset_config_name:
+            raise HftuneError("dataset_config_name does not apply to an asset: data set; drop it.")
         asset = get_asset(data_args.dataset_name, "dataset")
         raw = load_dataset(asset.builder, data_files=asset.locate(), cache_dir=cache_dir, **asset.builder_kwargs)
         return raw.rename_columns(asset.rename_columns)

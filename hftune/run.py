@@ -16,6 +16,7 @@ import transformers
 from transformers import set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
+from hftune.assets import is_asset
 from hftune.config import parse_config, save_resolved_config
 from hftune.data import load_raw_datasets
 from hftune.engines.trainer import build_trainer
@@ -70,6 +71,8 @@ def resolve_checkpoint(training_args):
 def check_inputs(model_args, data_args, training_args):
     if not model_args.model_name_or_path:
         raise HftuneError("model_name_or_path is not set; give a Hub id, a local checkpoint folder or an asset:NAME.")
+    if is_asset(model_args.model_name_or_path) and model_args.model_revision != "main":
+        raise HftuneError("model_revision does not apply to an asset: model; drop it.")
     if data_args.test_file and not training_args.do_predict:
         raise HftuneError("test_file is set but do_predict is false, so it would be ignored; set do_predict: true.")
 

@@ -7,8 +7,10 @@ import pytest
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from conftest import logged_losses, read_json
-from hftune.config import parse_config
+from hftune.config import DataArguments, ModelArguments, parse_config
+from hftune.data import load_raw_datasets
 from hftune.run import main
+from hftune.tasks import text_classification
 
 OUTPUT_FILES = [
     "model.safetensors", "config.json", "tokenizer.json", "all_results.json", "train_results.json",
@@ -72,9 +74,13 @@ def test_text_pairs_with_integer_labels(tiny_bert, tweets, tmp_path):
     assert model.config.id2label == {0: "0", 1: "1"}
     results = read_json(out / "all_results.json")
     assert results["eval_samples"] == 48  # 20% of 240 carved from train
-    # The pair really reached the tokenizer: token_type_ids of the second segment are 1.
-    tokenizer = AutoTokenizer.from_pretrained(out)
-    assert 1 in tokenizer("a", "b")["token_type_ids"]
+    # The pair really reached the model's inputs: the second segment has token_type_id 1.
+    data_args = DataArguments(train_file=str(tmp_path / "pairs.jsonl"), text_column="premise",
+                              text_pair_column="hypothesis", max_seq_length=48)
+    bundle = text_classification.build(ModelArguments(tiny_bert), data_args, load_raw_datasets(data_args))
+    example = bundle.train_dataset[0]
+    assert 0 in example["token_type_ids"] and 1 in example["token_type_ids"]
+    assert example["input_ids"].count(102) == 2  # [SEP] after each segment
 
 
 def test_default_recipe_runs_offline_with_real_weights(tmp_path, capsys):

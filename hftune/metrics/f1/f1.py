@@ -53,9 +53,8 @@ class F1(evaluate.Metric):
             labels = sorted(set(predictions.tolist()) | set(references.tolist()))
         if average == "micro":
             # Single-label micro-F1 over all classes reduces to accuracy on those classes.
-            mask = np.isin(references, labels) | np.isin(predictions, labels)
             true_pos = np.sum((predictions == references) & np.isin(references, labels))
-            denominator = np.sum(np.isin(predictions, labels) & mask) + np.sum(np.isin(references, labels))
+            denominator = np.sum(np.isin(predictions, labels)) + np.sum(np.isin(references, labels))
             return {"f1": float(2.0 * true_pos / denominator) if denominator else 0.0}
         scores, support = _per_class_f1(predictions, references, labels)
         if average == "weighted":
