@@ -11,6 +11,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from hftune.assets import resolve_model
 from hftune.errors import HftuneError, closest
 
 TASKS = {
@@ -32,6 +33,14 @@ class TaskBundle:
     derived_metrics: Callable = None  # dict of metrics -> extra metrics (e.g. perplexity)
     test_dataset: Any = None
     pipeline_task: str = None  # transformers.pipeline task that loads the saved model
+
+
+def pretrained_source(model_args):
+    """(local path or Hub id, kwargs) for every from_pretrained call of a task: one revision,
+    cache and trust_remote_code setting for model, config and processor alike."""
+    kwargs = dict(revision=model_args.model_revision, cache_dir=model_args.cache_dir,
+                  trust_remote_code=model_args.trust_remote_code)
+    return resolve_model(model_args.model_name_or_path), kwargs
 
 
 def get_task(name):

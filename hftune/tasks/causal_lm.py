@@ -21,17 +21,15 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, default_data_collator
 
-from hftune.assets import resolve_model
 from hftune.data import limit_splits, require_columns
 from hftune.errors import HftuneError
+from hftune.tasks import TaskBundle, pretrained_source
 
 logger = logging.getLogger("hftune")
 
 
 def load_model_and_tokenizer(model_args):
-    path = resolve_model(model_args.model_name_or_path)
-    common = dict(revision=model_args.model_revision, cache_dir=model_args.cache_dir,
-                  trust_remote_code=model_args.trust_remote_code)
+    path, common = pretrained_source(model_args)
     tokenizer = AutoTokenizer.from_pretrained(path, **common)
     if tokenizer.eos_token is None:
         raise HftuneError(
@@ -134,8 +132,6 @@ def perplexity(metrics):
 
 
 def build(model_args, data_args, raw):
-    from hftune.tasks import TaskBundle
-
     for split, dataset in raw.items():
         require_columns(dataset, split, text_column=data_args.text_column)
     if data_args.block_size is not None and not data_args.concatenate_texts:  # would be ignored

@@ -12,15 +12,15 @@ Example:
 """
 
 import numpy as np
-import torch
 import pyarrow as pa
+import torch
 from datasets import ClassLabel, Image
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, DefaultDataCollator
 
-from hftune.assets import resolve_model
 from hftune.data import class_names, limit_splits, require_columns
 from hftune.errors import HftuneError
 from hftune.metrics import load_metric
+from hftune.tasks import TaskBundle, pretrained_source
 
 
 class ImageTransform:
@@ -86,9 +86,7 @@ def prepare(dataset, split, data_args, processor, to_id):
 
 def load_model(model_args, names):
     """Pretrained backbone + a new head with one output per class found in the data."""
-    path = resolve_model(model_args.model_name_or_path)
-    common = dict(revision=model_args.model_revision, cache_dir=model_args.cache_dir,
-                  trust_remote_code=model_args.trust_remote_code)
+    path, common = pretrained_source(model_args)
     processor = AutoImageProcessor.from_pretrained(path, **common)
     # id2label alone sets num_labels; passing both makes transformers warn that they disagree.
     config = AutoConfig.from_pretrained(
@@ -103,8 +101,6 @@ def load_model(model_args, names):
 
 
 def build(model_args, data_args, raw):
-    from hftune.tasks import TaskBundle
-
     for split, dataset in raw.items():
         require_columns(
             dataset, split, image_column=data_args.image_column,

@@ -6,16 +6,14 @@ import torch
 from datasets import ClassLabel
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
-from hftune.assets import resolve_model
 from hftune.data import class_names, limit_splits, require_columns
 from hftune.metrics import load_metric
+from hftune.tasks import TaskBundle, pretrained_source
 
 
 def load_model(model_args, names):
     """Pretrained encoder + a new head with one output per class name."""
-    path = resolve_model(model_args.model_name_or_path)
-    common = dict(revision=model_args.model_revision, cache_dir=model_args.cache_dir,
-                  trust_remote_code=model_args.trust_remote_code)
+    path, common = pretrained_source(model_args)
     tokenizer = AutoTokenizer.from_pretrained(path, **common)
     config = AutoConfig.from_pretrained(
         path, num_labels=len(names), id2label=dict(enumerate(names)),
@@ -72,8 +70,6 @@ def accuracy_and_macro_f1():
 
 
 def build(model_args, data_args, raw):
-    from hftune.tasks import TaskBundle
-
     for split, dataset in raw.items():
         require_columns(
             dataset, split, text_column=data_args.text_column, text_pair_column=data_args.text_pair_column,
