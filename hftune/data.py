@@ -50,7 +50,6 @@ def _local_files(data_args):
     for split, path in files.items():
         if not os.path.exists(path):
             raise HftuneError(f"{split}_file '{path}' does not exist; check the path in your config.")
-    for split, path in files.items():
         if _has_no_rows(path):
             raise HftuneError(f"{split}_file '{path}' has no rows; fill it or drop it from the config.")
     builders = {_builder_for(path) for path in files.values()}
@@ -82,9 +81,7 @@ def _load(data_args, cache_dir):
 
 
 def _carve_validation(raw, percentage, seed):
-    if "validation" in raw or "train" not in raw:
-        return raw
-    if percentage == 0:
+    if "validation" in raw or percentage == 0:
         return raw
     split = raw["train"].train_test_split(test_size=percentage / 100, seed=seed)
     raw["train"], raw["validation"] = split["train"], split["test"]
