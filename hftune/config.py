@@ -39,6 +39,15 @@ class ModelArguments:
         default=True,
         metadata={"help": "Re-initialise a classification head whose shape differs from the checkpoint's."},
     )
+    hidden_dropout: float = field(
+        default=None, metadata={"help": "Override the checkpoint's hidden/residual dropout (e.g. BERT hidden_dropout_prob)."}
+    )
+    attention_dropout: float = field(
+        default=None, metadata={"help": "Override the checkpoint's attention dropout."}
+    )
+    classifier_dropout: float = field(
+        default=None, metadata={"help": "Override the dropout before the classification head."}
+    )
 
 
 @dataclass
@@ -97,6 +106,77 @@ class HftuneTrainingArguments(TrainingArguments):
         default=False,
         metadata={"help": "Allow writing into a non-empty output_dir (its files may be overwritten)."},
     )
+    engine: str = field(
+        default="trainer",
+        metadata={"help": "trainer (HF Trainer) or accelerate (a plain Accelerate loop; needed for lbfgs)."},
+    )
+    # Declared as plain strings so hftune's own names (gd, lbfgs, exponential, ...) parse; TrainingArguments'
+    # enum values keep working.
+    optim: str = field(
+        default=TrainingArguments.default_optim,
+        metadata={"help": "sgd, gd, adam, adamw, adagrad, rmsprop, lbfgs, or any TrainingArguments optim; "
+                          "hyperparameters (momentum, nesterov, ...) go in optim_args."},
+    )
+    lr_scheduler_type: str = field(
+        default="linear",
+        metadata={"help": "constant, linear, cosine, cosine_with_restarts, polynomial, exponential, step, "
+                          "reduce_on_plateau, or any TrainingArguments schedule; parameters in lr_scheduler_kwargs."},
+    )
+    warmup_ratio: float = field(
+        default=None, metadata={"help": "Warmup as a fraction of the training steps (alternative to warmup_steps)."}
+    )
+    max_grad_norm_type: float = field(
+        default=2.0, metadata={"help": "p of the p-norm max_grad_norm bounds ('inf' for the max norm)."}
+    )
+    max_grad_value: float = field(
+        default=None, metadata={"help": "Clip every gradient element into [-max_grad_value, max_grad_value]."}
+    )
+    l1_lambda: float = field(default=0.0, metadata={"help": "L1 penalty l1_lambda * sum|w| added to the loss."})
+    l2_lambda: float = field(
+        default=0.0, metadata={"help": "Coupled L2 penalty l2_lambda * sum w^2 added to the loss (not weight_decay)."}
+    )
+    regularize: str = field(
+        default="weights",
+        metadata={"help": "Parameters the L1/L2 penalties apply to: weights (not biases or norms), all, or a regex."},
+    )
+    early_stopping_patience: int = field(
+        default=None,
+        metadata={"help": "Stop after this many evaluations without metric_for_best_model improving."},
+    )
+    early_stopping_threshold: float = field(
+        default=0.0, metadata={"help": "Smallest change of metric_for_best_model that counts as an improvement."}
+    )
+    freeze_bn_stats: bool = field(
+        default=False, metadata={"help": "Keep BatchNorm running statistics as pretrained (CNN fine-tuning)."}
+    )
+    freeze_bn_affine: bool = field(default=False, metadata={"help": "Freeze BatchNorm scale and shift."})
+
+    def __post_init__(self):
+        from hftune.engines import check_training_strategy  # engines import this module's users
+        from hftune.optim import HF_OPTIMIZERS, HF_SCHEDULES, check_optimizer_name
+
+        check_optimizer_name(self.optim)
+        optim, schedule = self.optim, self.lr_scheduler_type
+        # TrainingArguments only accepts its own enum names: give it a stand-in for ours (plateau's keeps
+        # its eval-strategy check and metric_for_best_model default), then put ours back.
+        if optim not in HF_OPTIMIZERS:
+            self.optim = "sgd"
+        if schedule not in HF_SCHEDULES:
+            self.lr_scheduler_type = "reduce_lr_on_plateau" if schedule == "reduce_on_plateau" else "linear"
+        if self.warmup_ratio is not None:
+            if self.warmup_steps:
+                raise HftuneError("set warmup_steps or warmup_ratio, not both.")
+            if not 0 <= self.warmup_ratio < 1:
+                raise HftuneError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
+            self.warmup_steps = self.warmup_ratio
+        if self.early_stopping_patience is not None and self.metric_for_best_model is None:
+            self.metric_for_best_model = "loss"
+        super().__post_init__()
+        if optim not in HF_OPTIMIZERS:
+            self.optim = optim
+        if schedule not in HF_SCHEDULES:
+            self.lr_scheduler_type = schedule
+        check_training_strategy(self)
 
 
 CONFIG_CLASSES = (ModelArguments, DataArguments, HftuneTrainingArguments)

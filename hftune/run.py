@@ -19,7 +19,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from hftune.assets import is_asset
 from hftune.config import parse_config, save_resolved_config
 from hftune.data import load_raw_datasets
-from hftune.engines.trainer import build_trainer
+from hftune.engines import build_engine
 from hftune.errors import HftuneError
 from hftune.tasks import get_task
 
@@ -95,7 +95,7 @@ def setup(model_args, data_args, training_args):
     if training_args.do_predict and bundle.test_dataset is None:
         raise HftuneError("do_predict needs a test split: set test_file, or a dataset_name that has one.")
     save_resolved_config(model_args, data_args, training_args)
-    return build_trainer(bundle, training_args), bundle, checkpoint
+    return build_engine(bundle, training_args), bundle, checkpoint
 
 
 def train(trainer, bundle, training_args, checkpoint):

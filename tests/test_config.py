@@ -33,7 +33,7 @@ def test_yaml_types_are_checked_like_cli(tmp_path):
 def test_yaml_lists_bools_dicts_and_nulls(tmp_path):
     recipe = write_recipe(
         tmp_path, task="causal-lm", report_to=["tensorboard", "none"], concatenate_texts=False,
-        lr_scheduler_kwargs={"num_cycles": 2}, max_seq_length=None, run_name="-exp1", eval_strategy="no",
+        lr_scheduler_type="cosine_with_restarts", lr_scheduler_kwargs={"num_cycles": 2}, max_seq_length=None, run_name="-exp1", eval_strategy="no",
     )
     text = open(recipe).read()
     assert "eval_strategy: 'no'" in text

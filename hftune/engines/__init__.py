@@ -1,0 +1,105 @@
+"""Engines run a TaskBundle: `trainer` (HF Trainer, the default) or `accelerate` (a plain
+Accelerate loop). Both take the same optimizer, schedule, clipping and penalties from the config;
+the checks here refuse, before training, what an engine or launch cannot honour."""
+
+import logging
+import os
+
+from hftune.errors import HftuneError
+from hftune.optim import check_strategy, name_of, optimizer_spec, updates_per_epoch
+from hftune.regularization import apply_batchnorm_policy
+
+logger = logging.getLogger("hftune")
+
+ENGINES = ("trainer", "accelerate")
+
+
+def uses_deepspeed(args):
+    return bool(args.deepspeed) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def _check_closure_optimizer(args, name):
+    """A line search re-evaluates the loss on one batch with the true gradient."""
+    if args.engine != "accelerate":
+        raise HftuneError(f"optim {name} needs engine: accelerate (Trainer's loop cannot pass a closure to optimizer.step).")
+    problems = {
+        "gradient_accumulation_steps > 1": args.gradient_accumulation_steps > 1,
+        "max_grad_norm > 0 (TrainingArguments' default is 1.0; set max_grad_norm: 0)": args.max_grad_norm > 0,
+        "max_grad_value": bool(args.max_grad_value),
+        "fp16 (the loss scaler cannot wrap a closure)": args.fp16,
+        "DeepSpeed": uses_deepspeed(args),
+    }
+    for problem, present in problems.items():
+        if present:
+            raise HftuneError(f"optim {name} cannot run with {problem}; its line search needs the true gradient of one batch.")
+
+
+# TrainingArguments features only Trainer's loop implements: set under engine: accelerate, they are refused.
+TRAINER_ONLY = ("load_best_model_at_end", "torch_compile", "push_to_hub", "eval_on_start", "auto_find_batch_size",
+                "neftune_noise_alpha", "deepspeed", "fsdp", "save_only_model", "include_for_metrics")
+ACCELERATE_SAMPLING = ("random", "sequential", "group_by_length")
+
+
+def _check_accelerate_engine(args):
+    for name in TRAINER_ONLY:
+        if getattr(args, name, None):
+            raise HftuneError(f"{name} is implemented by Trainer's loop only; use engine: trainer or drop {name}.")
+    if args.train_sampling_strategy not in ACCELERATE_SAMPLING:
+        raise HftuneError(f"engine: accelerate supports train_sampling_strategy {list(ACCELERATE_SAMPLING)}.")
+    if args.save_strategy == "best":
+        raise HftuneError("save_strategy: best needs engine: trainer; use steps or epoch.")
+    if uses_deepspeed(args) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        raise HftuneError("engine: accelerate runs single-device and DDP launches; use engine: trainer for DeepSpeed/FSDP.")
+
+
+def check_training_strategy(args):
+    """Everything about the strategy that can be checked from the config alone."""
+    if args.engine not in ENGINES:
+        raise HftuneError(f"unknown engine '{args.engine}'; choose one of {list(ENGINES)}.")
+    check_strategy(args)
+    if args.engine == "accelerate":
+        _check_accelerate_engine(args)
+    for name in ("l1_lambda", "l2_lambda", "early_stopping_threshold"):
+        if getattr(args, name) < 0:
+            raise HftuneError(f"{name} must be >= 0, got {getattr(args, name)}.")
+    if args.max_grad_value is not None and args.max_grad_value <= 0:
+        raise HftuneError(f"max_grad_value must be > 0, got {args.max_grad_value}; drop it to turn clipping by value off.")
+    if args.max_grad_norm_type <= 0:
+        raise HftuneError(f"max_grad_norm_type must be > 0 (2 for the Euclidean norm, inf for the max), got {args.max_grad_norm_type}.")
+    if args.early_stopping_patience is not None and (args.early_stopping_patience < 1 or args.eval_strategy == "no"):
+        raise HftuneError("early_stopping_patience needs a value >= 1 and an eval_strategy (steps or epoch).")
+    spec, name = optimizer_spec(args), name_of(args.optim)
+    if spec is not None and spec.needs_closure:
+        _check_closure_optimizer(args, name)
+    if spec is not None and spec.full_batch and args.gradient_accumulation_steps != 1:
+        raise HftuneError(f"optim {name} accumulates over the whole training set itself; drop gradient_accumulation_steps.")
+    if uses_deepspeed(args):
+        if args.max_grad_value:
+            raise HftuneError("max_grad_value cannot be honoured under DeepSpeed (it owns the gradients); use max_grad_norm.")
+        if args.max_grad_norm_type != 2:
+            raise HftuneError("DeepSpeed's gradient_clipping is a 2-norm; drop max_grad_norm_type or use DDP/FSDP.")
+
+
+def resolve_full_batch(args, num_examples):
+    """`gd`: accumulate over every batch of the epoch, so each optimizer step sees the whole set."""
+    spec = optimizer_spec(args)
+    if spec is not None and spec.full_batch:
+        args.gradient_accumulation_steps = updates_per_epoch(num_examples, args)  # GA is 1 here: batches/epoch
+        logger.info(f"optim {name_of(args.optim)}: one update per epoch over {args.gradient_accumulation_steps} batches")
+
+
+def build_engine(bundle, args):
+    """The engine `args.engine` names, ready to train/evaluate/save like a Trainer."""
+    frozen = apply_batchnorm_policy(bundle.model, args.freeze_bn_stats, args.freeze_bn_affine)
+    if frozen:
+        logger.info(f"BatchNorm: {frozen} layers, running stats frozen={args.freeze_bn_stats}, "
+                    f"affine frozen={args.freeze_bn_affine}")
+    if args.do_train and bundle.train_dataset is not None:
+        resolve_full_batch(args, len(bundle.train_dataset))
+    if args.engine == "accelerate":
+        from hftune.engines.accelerate_loop import AccelerateEngine
+
+        return AccelerateEngine(bundle, args)
+    from hftune.engines.trainer import build_trainer
+
+    return build_trainer(bundle, args)

@@ -1,19 +1,96 @@
-"""The default engine: Hugging Face Trainer over a TaskBundle."""
+"""The default engine: Hugging Face Trainer over a TaskBundle, with hftune's optimizer and schedule
+registries, p-norm and by-value clipping, loss penalties and early stopping."""
 
-from transformers import Trainer
+import logging
+
+from transformers import Trainer, TrainerCallback
+
+from hftune.optim import (
+    WarmupReduceLROnPlateau, build_optimizer, build_scheduler, describe_strategy, no_decay_parameter_names,
+    optimizer_spec, updates_per_epoch,
+)
+from hftune.regularization import clip_grad_value_, early_stopping_callback, penalties_for
+
+logger = logging.getLogger("hftune")
+
+
+class StrategyCallback(TrainerCallback):
+    """What Trainer's loop has no hook for: clipping by value once per optimizer step (after
+    Trainer's norm clipping, which has already unscaled AMP gradients), and warmup for
+    reduce_on_plateau, which Trainer only steps after evaluations."""
+
+    def __init__(self, max_grad_value):
+        self.max_grad_value = max_grad_value
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        clip_grad_value_(model.parameters(), self.max_grad_value)
+
+    def on_step_end(self, args, state, control, lr_scheduler=None, **kwargs):
+        if isinstance(lr_scheduler, WarmupReduceLROnPlateau):
+            lr_scheduler.warmup_step()
 
 
 class HftuneTrainer(Trainer):
-    """Trainer that adds a task's derived metrics (e.g. perplexity from eval_loss) to every log
-    line, so they reach log_history, the results files and metric_for_best_model."""
+    """Trainer that builds hftune's optimizer and schedule, adds penalties to the loss, clips by a
+    p-norm, and adds derived metrics (e.g. perplexity) and penalty values to every log line."""
 
     def __init__(self, *args, derived_metrics=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.derived_metrics = derived_metrics
+        self.penalties = penalties_for(self.model, self.args)
+        self.add_callback(StrategyCallback(self.args.max_grad_value))
+        stopper = early_stopping_callback(self.args)
+        if stopper is not None:
+            self.add_callback(stopper)
+
+    def get_decay_parameter_names(self, model):
+        skip = no_decay_parameter_names(model)
+        return [name for name, _ in model.named_parameters() if name not in skip]
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            model = self.model if model is None else model
+            if optimizer_spec(self.args) is None:
+                super().create_optimizer(model)  # a TrainingArguments optim: Trainer's own factory
+            else:
+                self.optimizer = build_optimizer(model, self.args)
+            for line in describe_strategy(model, self.optimizer, self.args, self.penalties):
+                logger.info(line)
+        return self.optimizer
+
+    def create_scheduler(self, num_training_steps, optimizer=None):
+        if self.lr_scheduler is None:
+            per_epoch = updates_per_epoch(len(self.train_dataset), self.args) if self.train_dataset else 1
+            self.lr_scheduler = build_scheduler(optimizer or self.optimizer, self.args, num_training_steps, per_epoch)
+            self._created_lr_scheduler = True
+        return self.lr_scheduler
+
+    def _clip_grad_norm(self, model):
+        # Trainer clips with the 2-norm; max_grad_norm_type picks p. DeepSpeed (always p=2) clips itself.
+        if self.args.max_grad_norm_type == 2 or self.is_deepspeed_enabled:
+            return super()._clip_grad_norm(model)
+        return self.accelerator.clip_grad_norm_(model.parameters(), self.args.max_grad_norm,
+                                                norm_type=self.args.max_grad_norm_type)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                      num_items_in_batch=num_items_in_batch)
+        if not (self.penalties and model.training):
+            return result
+        loss, outputs = result if return_outputs else (result, None)
+        # training_step divides the loss by the accumulation steps unless it is already normalized
+        # by num_items_in_batch; the penalty must count once per optimizer step either way.
+        scaled = self.loss_is_scaled_for_ga
+        if scaled is None:
+            scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+        loss = self.penalties.add_to(loss, 1 / self.current_gradient_accumulation_steps if scaled else 1.0)
+        return (loss, outputs) if return_outputs else loss
 
     def log(self, logs, *args, **kwargs):
         if self.derived_metrics:
             logs.update(self.derived_metrics(logs))  # in place: evaluate() returns this same dict
+        if "loss" in logs:
+            logs.update(self.penalties.pop_means())
         super().log(logs, *args, **kwargs)
 
 

@@ -43,6 +43,15 @@ def pretrained_source(model_args):
     return resolve_model(model_args.model_name_or_path), kwargs
 
 
+def load_config(model_args, path, common, **task_settings):
+    """The checkpoint's config with the task's settings (labels, ...) and the user's dropout overrides."""
+    from transformers import AutoConfig
+
+    from hftune.regularization import apply_dropout_overrides
+
+    return apply_dropout_overrides(AutoConfig.from_pretrained(path, **task_settings, **common), model_args)
+
+
 def get_task(name):
     if name not in TASKS:
         raise HftuneError(f"unknown task '{name}'.{closest(name, TASKS)} Valid tasks: {sorted(TASKS)}.")

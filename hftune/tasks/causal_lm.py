@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq
 
 from hftune.data import limit_splits, require_columns
 from hftune.errors import HftuneError
-from hftune.tasks import TaskBundle, pretrained_source
+from hftune.tasks import TaskBundle, load_config, pretrained_source
 
 logger = logging.getLogger("hftune")
 
@@ -40,7 +40,8 @@ def load_model_and_tokenizer(model_args):
         tokenizer.pad_token = tokenizer.eos_token
     # float32 weights whatever the checkpoint's dtype (transformers 5 defaults to it, often bf16):
     # pure-bf16 AdamW steps lose small updates; `bf16: true` adds autocast on top of float32 weights.
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **common)
+    config = load_config(model_args, path, common)
+    model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch.float32, **common)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer

@@ -15,12 +15,12 @@ import numpy as np
 import pyarrow as pa
 import torch
 from datasets import ClassLabel, Image
-from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, DefaultDataCollator
+from transformers import AutoImageProcessor, AutoModelForImageClassification, DefaultDataCollator
 
 from hftune.data import class_names, limit_splits, require_columns
 from hftune.errors import HftuneError
 from hftune.metrics import load_metric
-from hftune.tasks import TaskBundle, pretrained_source
+from hftune.tasks import TaskBundle, load_config, pretrained_source
 
 
 class ImageTransform:
@@ -89,8 +89,9 @@ def load_model(model_args, names):
     path, common = pretrained_source(model_args)
     processor = AutoImageProcessor.from_pretrained(path, **common)
     # id2label alone sets num_labels; passing both makes transformers warn that they disagree.
-    config = AutoConfig.from_pretrained(
-        path, id2label=dict(enumerate(names)), label2id={name: i for i, name in enumerate(names)}, **common
+    config = load_config(
+        model_args, path, common, id2label=dict(enumerate(names)),
+        label2id={name: i for i, name in enumerate(names)},
     )
     # float32 master weights whatever the checkpoint's dtype (transformers 5 keeps bf16 ones as bf16).
     model = AutoModelForImageClassification.from_pretrained(

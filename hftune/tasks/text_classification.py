@@ -4,20 +4,20 @@ texts or text pairs, with integer or string labels; metrics accuracy and macro-F
 import numpy as np
 import torch
 from datasets import ClassLabel
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
 from hftune.data import class_names, limit_splits, require_columns
 from hftune.metrics import load_metric
-from hftune.tasks import TaskBundle, pretrained_source
+from hftune.tasks import TaskBundle, load_config, pretrained_source
 
 
 def load_model(model_args, names):
     """Pretrained encoder + a new head with one output per class name."""
     path, common = pretrained_source(model_args)
     tokenizer = AutoTokenizer.from_pretrained(path, **common)
-    config = AutoConfig.from_pretrained(
-        path, num_labels=len(names), id2label=dict(enumerate(names)),
-        label2id={name: i for i, name in enumerate(names)}, **common,
+    config = load_config(
+        model_args, path, common, num_labels=len(names), id2label=dict(enumerate(names)),
+        label2id={name: i for i, name in enumerate(names)},
     )
     # float32 master weights whatever the checkpoint's dtype (transformers 5 keeps bf16 ones as bf16).
     model = AutoModelForSequenceClassification.from_pretrained(

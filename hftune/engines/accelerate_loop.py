@@ -1,0 +1,339 @@
+"""The `accelerate` engine: a plain Accelerate loop (prepare, accumulate, backward, clip, step,
+schedule, evaluate, save) for what Trainer's loop cannot do, such as closure-based optimizers.
+
+It takes its optimizer, schedule, clipping and penalties from the same registries as the Trainer
+engine, and drives Trainer's own callbacks (flow, progress bar, trackers, early stopping), so a
+run logs the same lines and writes the same trainer_state.json. Same recipe and seed on one
+process: the same losses and learning rates as `engine: trainer`.
+Differences from Trainer: under gradient accumulation each micro-batch's mean loss counts
+equally (Trainer weighs a causal LM's tokens across micro-batches); checkpoints hold the model
+plus `engine_state/` from `Accelerator.save_state`.
+"""
+
+import glob
+import logging
+import math
+import os
+import shutil
+import time
+from contextlib import nullcontext
+from functools import partial
+from itertools import islice
+
+import numpy as np
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration
+from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
+from transformers import default_data_collator, enable_full_determinism, set_seed
+from transformers.integrations import get_reporting_integration_callbacks
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.trainer_callback import (
+    CallbackHandler, DefaultFlowCallback, PrinterCallback, ProgressCallback, TrainerControl, TrainerState,
+)
+from transformers.trainer_pt_utils import LabelSmoother, LengthGroupedSampler, log_metrics, save_metrics, save_state
+from transformers.trainer_utils import EvalPrediction, TrainOutput, seed_worker, speed_metrics
+
+from hftune.optim import (
+    WarmupReduceLROnPlateau, build_optimizer, build_scheduler, describe_strategy, optimizer_spec,
+)
+from hftune.regularization import clip_grad_value_, early_stopping_callback, penalties_for
+
+logger = logging.getLogger("hftune")
+
+
+def make_accelerator(args):
+    """An Accelerator configured from TrainingArguments the way Trainer configures its own."""
+    config = args.accelerator_config.to_dict()
+    dataloader_config = DataLoaderConfiguration(
+        split_batches=config["split_batches"], dispatch_batches=config["dispatch_batches"],
+        even_batches=config["even_batches"], use_seedable_sampler=config["use_seedable_sampler"],
+        data_seed=args.data_seed,
+    )
+    precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "no"
+    return Accelerator(cpu=args.use_cpu, mixed_precision=precision, dataloader_config=dataloader_config)
+
+
+class AccelerateEngine:
+    """Trains, evaluates and saves a TaskBundle; offers the Trainer methods run.py uses."""
+
+    log_metrics, save_metrics, save_state = log_metrics, save_metrics, save_state
+
+    def __init__(self, bundle, args):
+        self.bundle, self.args = bundle, args
+        # Trainer reseeds here too, so both engines draw the same data order and dropout masks.
+        enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
+        self.accelerator = make_accelerator(args)
+        self.model = bundle.model
+        self.is_causal = type(self.model).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+        self.label_smoother = LabelSmoother(args.label_smoothing_factor) if args.label_smoothing_factor else None
+        self.penalties = penalties_for(self.model, args)
+        self.optimizer = self.lr_scheduler = None
+        self.state, self.control = self._new_state(), TrainerControl()
+        callbacks = [DefaultFlowCallback, *get_reporting_integration_callbacks(args.report_to),
+                     PrinterCallback if args.disable_tqdm else ProgressCallback]
+        if early_stopping_callback(args) is not None:
+            callbacks.append(early_stopping_callback(args))
+        self.callback_handler = CallbackHandler(callbacks, self.model, bundle.processor, None, None)
+
+    def is_world_process_zero(self):
+        return self.accelerator.is_main_process
+
+    def is_local_process_zero(self):
+        return self.accelerator.is_local_main_process
+
+    def _new_state(self):
+        return TrainerState(is_local_process_zero=self.accelerator.is_local_main_process,
+                            is_world_process_zero=self.accelerator.is_main_process)
+
+    # ---- data ----
+
+    def _train_sampler(self, dataset):
+        strategy = self.args.train_sampling_strategy
+        if strategy == "group_by_length":
+            return LengthGroupedSampler(self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps,
+                                        dataset=dataset, model_input_name=self.bundle.processor.model_input_names[0])
+        return SequentialSampler(dataset) if strategy == "sequential" else RandomSampler(dataset)
+
+    def _dataloader(self, dataset, training):
+        args = self.args
+        loader = DataLoader(
+            dataset, batch_size=args.per_device_train_batch_size if training else args.per_device_eval_batch_size,
+            sampler=self._train_sampler(dataset) if training else SequentialSampler(dataset),
+            collate_fn=self.bundle.data_collator or default_data_collator, num_workers=args.dataloader_num_workers,
+            pin_memory=args.dataloader_pin_memory, drop_last=args.dataloader_drop_last if training else False,
+            worker_init_fn=partial(seed_worker, num_workers=args.dataloader_num_workers, rank=args.process_index)
+            if training else None,
+        )
+        return self.accelerator.prepare(loader)
+
+    # ---- one optimizer step ----
+
+    def compute_loss(self, model, batch):
+        """The model's loss (label-smoothed like Trainer's when asked); returns (loss, outputs)."""
+        if self.label_smoother is not None and "labels" in batch:
+            batch = dict(batch)
+            labels = batch.pop("labels")
+            outputs = model(**batch)
+            return self.label_smoother(outputs, labels, shift_labels=self.is_causal), outputs
+        outputs = model(**batch)
+        return outputs["loss"], outputs
+
+    def _backward(self, micro_batches):
+        """Forward/backward over the micro-batches of one update; DDP syncs on the last only."""
+        for i, batch in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            with nullcontext() if last else self.accelerator.no_sync(self.model):
+                loss = self.penalties.add_to(self.compute_loss(self.model, batch)[0]) / len(micro_batches)
+                self.accelerator.backward(loss)
+            self._tr_loss += loss.detach()
+
+    def _closure_step(self, batch):
+        """Line-search optimizers (lbfgs) re-evaluate loss and gradient as often as they need."""
+        def closure():
+            self.optimizer.zero_grad()
+            loss = self.penalties.add_to(self.compute_loss(self.model, batch)[0])
+            self.accelerator.backward(loss)
+            return self.accelerator.reduce(loss.detach(), "mean")  # every rank takes the same decisions
+
+        self.callback_handler.on_pre_optimizer_step(self.args, self.state, self.control)
+        self._tr_loss += self.optimizer.step(closure)
+        self._grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), float("inf"))
+
+    def _gradient_step(self, micro_batches):
+        self._backward(micro_batches)
+        args, params = self.args, self.model.parameters()
+        if args.max_grad_norm > 0:
+            self._grad_norm = self.accelerator.clip_grad_norm_(params, args.max_grad_norm, args.max_grad_norm_type)
+        else:  # the norm is logged either way, as Trainer does
+            self._grad_norm = self.accelerator.clip_grad_norm_(params, float("inf"))
+        clip_grad_value_(self.model.parameters(), args.max_grad_value)  # gradients are unscaled by now
+        self.callback_handler.on_pre_optimizer_step(args, self.state, self.control)
+        self.optimizer.step()
+
+    def _update(self, micro_batches):
+        self.model.train()
+        if optimizer_spec(self.args) is not None and optimizer_spec(self.args).needs_closure:
+            self._closure_step(micro_batches[0])
+        else:
+            self._gradient_step(micro_batches)
+        self.control = self.callback_handler.on_optimizer_step(self.args, self.state, self.control)
+        self._learning_rate = self.optimizer.param_groups[0]["lr"]  # the rate this step used
+        if not self.accelerator.optimizer_step_was_skipped:
+            if isinstance(self.lr_scheduler, WarmupReduceLROnPlateau):
+                self.lr_scheduler.warmup_step()
+            elif not isinstance(self.lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                self.lr_scheduler.step()
+        self.optimizer.zero_grad()
+
+    # ---- training ----
+
+    def _setup_training(self, train_loader):
+        """Optimizer, schedule and step counts, as Trainer computes them."""
+        args = self.args
+        per_epoch = max(1, math.ceil(len(train_loader) / args.gradient_accumulation_steps))
+        max_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * per_epoch)
+        epochs = math.ceil(max_steps / per_epoch) if args.max_steps > 0 else math.ceil(args.num_train_epochs)
+        if args.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs)
+        self.optimizer = build_optimizer(self.model, args)
+        for line in describe_strategy(self.model, self.optimizer, args, self.penalties):
+            logger.info(line)
+        self.lr_scheduler = build_scheduler(self.optimizer, args, max_steps, per_epoch)
+        self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        self.accelerator.register_for_checkpointing(self.lr_scheduler)
+        self.callback_handler.model, self.callback_handler.optimizer = self.model, self.optimizer
+        self.callback_handler.lr_scheduler = self.lr_scheduler
+        self.state.max_steps, self.state.num_train_epochs = max_steps, epochs
+        self.state.train_batch_size = args.per_device_train_batch_size
+        self.state.compute_steps(args, max_steps)
+        return per_epoch, max_steps, epochs
+
+    def _resume(self, checkpoint, per_epoch):
+        """Model, optimizer, schedule and RNG states from checkpoint-N; returns (epochs done, batches to skip)."""
+        if checkpoint is None:
+            return 0, 0
+        self.accelerator.load_state(os.path.join(checkpoint, "engine_state"))
+        loaded = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
+        for key in ("global_step", "epoch", "log_history", "best_metric", "best_global_step"):
+            setattr(self.state, key, getattr(loaded, key))
+        logger.info(f"resumed from {checkpoint} at step {self.state.global_step}")
+        done = self.state.global_step
+        return done // per_epoch, (done % per_epoch) * self.args.gradient_accumulation_steps
+
+    def train(self, resume_from_checkpoint=None):
+        args = self.args
+        train_loader = self._dataloader(self.bundle.train_dataset, training=True)
+        per_epoch, max_steps, epochs = self._setup_training(train_loader)
+        epochs_done, skip = self._resume(resume_from_checkpoint, per_epoch)
+        self._tr_loss, self._total_loss = torch.tensor(0.0, device=self.accelerator.device), 0.0
+        self._last_logged = first_step = self.state.global_step
+        self._grad_norm = self._learning_rate = None
+        start = time.time()
+        self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
+        for epoch in range(epochs_done, epochs):
+            if hasattr(train_loader, "set_epoch"):
+                train_loader.set_epoch(epoch)
+            loader = self.accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
+            self._run_epoch(epoch, iter(loader), len(train_loader), seen=skip)
+            skip = 0
+            if self.control.should_training_stop:
+                break
+        self.control = self.callback_handler.on_train_end(args, self.state, self.control)
+        return self._train_output(start, first_step, max_steps, epochs)
+
+    def _run_epoch(self, epoch, batches, batches_in_epoch, seen):
+        args = self.args
+        self.control = self.callback_handler.on_epoch_begin(args, self.state, self.control)
+        while micro_batches := list(islice(batches, args.gradient_accumulation_steps)):
+            self.control = self.callback_handler.on_step_begin(args, self.state, self.control)
+            self._update(micro_batches)
+            seen += len(micro_batches)
+            self.state.global_step += 1
+            self.state.epoch = epoch + seen / batches_in_epoch
+            self.control = self.callback_handler.on_step_end(args, self.state, self.control)
+            self._maybe_log_save_evaluate()
+            if self.control.should_epoch_stop or self.control.should_training_stop:
+                break
+        self.control = self.callback_handler.on_epoch_end(args, self.state, self.control)
+        self._maybe_log_save_evaluate()
+
+    def _maybe_log_save_evaluate(self):
+        if self.control.should_log and self.state.global_step > self._last_logged:
+            loss = self.accelerator.reduce(self._tr_loss, "mean").item()
+            self._tr_loss.zero_()
+            self.log({"loss": loss / (self.state.global_step - self._last_logged),
+                      "grad_norm": float(self._grad_norm), "learning_rate": self._learning_rate})
+            self._total_loss += loss
+            self._last_logged = self.state.global_step
+        if self.control.should_evaluate:
+            metrics = self.evaluate()
+            self._track_best(metrics)
+        if self.control.should_save:
+            self._save_checkpoint()
+            self.control = self.callback_handler.on_save(self.args, self.state, self.control)
+
+    def _track_best(self, metrics):
+        """Trainer's best_metric bookkeeping, which early stopping reads; reduce_on_plateau steps here."""
+        key = self.args.metric_for_best_model
+        if key is None:
+            return
+        value = metrics[key if key.startswith("eval_") else f"eval_{key}"]
+        if isinstance(self.lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.lr_scheduler.step(value)
+        better = np.greater if self.args.greater_is_better else np.less
+        if self.state.best_metric is None or better(value, self.state.best_metric):
+            self.state.best_metric, self.state.best_global_step = value, self.state.global_step
+
+    def _train_output(self, start, first_step, max_steps, epochs):
+        steps = max(self.state.global_step - first_step, 1)
+        batch = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+        samples = len(self.bundle.train_dataset) * epochs if self.args.max_steps <= 0 else max_steps * batch
+        metrics = speed_metrics("train", start, num_samples=samples * steps / max(max_steps, 1), num_steps=steps)
+        metrics["train_loss"] = self._total_loss / steps
+        self.log(dict(metrics))
+        return TrainOutput(self.state.global_step, metrics["train_loss"], metrics)
+
+    # ---- evaluation, logging, saving ----
+
+    def evaluate(self, eval_dataset=None, metric_key_prefix="eval"):
+        dataset = self.bundle.eval_dataset if eval_dataset is None else eval_dataset
+        loader = self._dataloader(dataset, training=False)
+        if self.optimizer is None:  # evaluation without training: place the model once
+            self.model = self.accelerator.prepare(self.model)
+        self.model.eval()
+        start, losses, logits, labels = time.time(), [], [], []
+        for batch in loader:
+            with torch.no_grad():
+                loss, outputs = self.compute_loss(self.model, batch)
+            losses.append(self.accelerator.gather_for_metrics(loss.detach().repeat(len(batch["labels"]))))
+            if self.bundle.compute_metrics is not None:
+                logits.append(self.accelerator.gather_for_metrics(outputs["logits"]).float().cpu())
+                labels.append(self.accelerator.gather_for_metrics(batch["labels"]).cpu())
+        metrics = {}
+        if self.bundle.compute_metrics is not None:
+            metrics = self.bundle.compute_metrics(
+                EvalPrediction(predictions=torch.cat(logits).numpy(), label_ids=torch.cat(labels).numpy()))
+        metrics = {f"{metric_key_prefix}_{k}": v for k, v in metrics.items()}
+        metrics[f"{metric_key_prefix}_loss"] = torch.cat(losses).mean().item()
+        metrics.update(speed_metrics(metric_key_prefix, start, num_samples=len(dataset), num_steps=len(loader)))
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics=metrics)
+        return metrics
+
+    def log(self, logs):
+        if self.bundle.derived_metrics:
+            logs.update(self.bundle.derived_metrics(logs))
+        if "loss" in logs:
+            logs.update(self.penalties.pop_means())
+        if self.state.epoch is not None:
+            logs["epoch"] = self.state.epoch
+        self.state.log_history.append({**logs, "step": self.state.global_step})
+        self.control = self.callback_handler.on_log(self.args, self.state, self.control, logs)
+
+    def save_model(self, output_dir=None):
+        """A plain HF checkpoint (safetensors + config + processor) that from_pretrained loads."""
+        output_dir = output_dir or self.args.output_dir
+        self.accelerator.wait_for_everyone()
+        self.accelerator.unwrap_model(self.model).save_pretrained(
+            output_dir, is_main_process=self.accelerator.is_main_process, save_function=self.accelerator.save,
+            state_dict=self.accelerator.get_state_dict(self.model),
+        )
+        if self.accelerator.is_main_process and self.bundle.processor is not None:
+            self.bundle.processor.save_pretrained(output_dir)
+
+    def _save_checkpoint(self):
+        path = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
+        self.save_model(path)
+        self.accelerator.save_state(os.path.join(path, "engine_state"))
+        if self.accelerator.is_main_process:
+            self.state.save_to_json(os.path.join(path, "trainer_state.json"))
+            self._rotate_checkpoints()
+
+    def _rotate_checkpoints(self):
+        limit = self.args.save_total_limit
+        if not limit:
+            return
+        paths = glob.glob(os.path.join(self.args.output_dir, "checkpoint-*"))
+        for old in sorted(paths, key=lambda p: int(p.rsplit("-", 1)[-1]))[:-limit]:
+            shutil.rmtree(old, ignore_errors=True)
+
