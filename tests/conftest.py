@@ -103,3 +103,33 @@ def logged_losses(output_dir):
     """Training losses in log order from trainer_state.json."""
     state = read_json(os.path.join(output_dir, "trainer_state.json"))
     return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+
+
+def strategy_args(model, out, train, validation, **overrides):
+    """CLI args for a short, logged-every-step run on the tiny BERT; overrides win."""
+    settings = dict(
+        model_name_or_path=model, output_dir=out, train_file=train, validation_file=validation,
+        label_column="sentiment", report_to="none", disable_tqdm="true", max_seq_length=48,
+        per_device_train_batch_size=16, learning_rate=3e-3, max_steps=12, logging_steps=1, warmup_steps=0,
+        train_sampling_strategy="random", eval_strategy="no", save_strategy="no", do_eval="false",
+    )
+    settings.update(overrides)
+    return [f"--{key}={value}" for key, value in settings.items()]
+
+
+def run_engine(args, callbacks=()):
+    """parse -> setup -> train as `hftune` does, with extra callbacks; returns (engine, log_history)."""
+    from hftune.config import parse_config
+    from hftune.run import setup, train
+
+    model_args, data_args, training_args = parse_config(args)
+    engine, bundle, checkpoint = setup(model_args, data_args, training_args)
+    for callback in callbacks:
+        engine.add_callback(callback)
+    train(engine, bundle, training_args, checkpoint)
+    return engine, engine.state.log_history
+
+
+def step_logs(history, key):
+    """[value of `key` at each logged training step]."""
+    return [entry[key] for entry in history if "loss" in entry and key in entry]

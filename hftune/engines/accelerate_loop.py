@@ -75,6 +75,9 @@ class AccelerateEngine:
             callbacks.append(early_stopping_callback(args))
         self.callback_handler = CallbackHandler(callbacks, self.model, bundle.processor, None, None)
 
+    def add_callback(self, callback):
+        self.callback_handler.add_callback(callback)
+
     def is_world_process_zero(self):
         return self.accelerator.is_main_process
 
@@ -129,14 +132,18 @@ class AccelerateEngine:
 
     def _closure_step(self, batch):
         """Line-search optimizers (lbfgs) re-evaluate loss and gradient as often as they need."""
+        losses = []
+
         def closure():
             self.optimizer.zero_grad()
             loss = self.penalties.add_to(self.compute_loss(self.model, batch)[0])
             self.accelerator.backward(loss)
-            return self.accelerator.reduce(loss.detach(), "mean")  # every rank takes the same decisions
+            losses.append(self.accelerator.reduce(loss.detach(), "mean"))  # all ranks decide alike
+            return losses[-1]
 
         self.callback_handler.on_pre_optimizer_step(self.args, self.state, self.control)
-        self._tr_loss += self.optimizer.step(closure)
+        self.optimizer.step(closure)  # Accelerate's wrapper drops step()'s return value
+        self._tr_loss += losses[0]  # the loss before the step, as for every other optimizer
         self._grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), float("inf"))
 
     def _gradient_step(self, micro_batches):

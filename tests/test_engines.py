@@ -1,0 +1,34 @@
+"""The Trainer and Accelerate engines run the same strategy: same losses, same learning rates."""
+
+import pytest
+
+from conftest import run_engine, step_logs, strategy_args
+
+STRATEGIES = {
+    "defaults": {},
+    "sgd-cosine-accumulation-penalties-clipping": dict(
+        optim="sgd", optim_args="momentum=0.9,nesterov=True", learning_rate=0.05, lr_scheduler_type="cosine",
+        lr_scheduler_kwargs='{"min_lr": 0.005}', warmup_steps=4, gradient_accumulation_steps=2,
+        per_device_train_batch_size=8, l1_lambda=1e-4, l2_lambda=1e-3, max_grad_value=0.05,
+        max_grad_norm=0.5, max_grad_norm_type="inf", label_smoothing_factor=0.1,
+    ),
+}
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_engines_log_the_same_losses_and_learning_rates(strategy, tiny_bert, tweets_csv, tmp_path):
+    histories = {}
+    for engine in ("trainer", "accelerate"):
+        args = strategy_args(tiny_bert, tmp_path / engine, *tweets_csv, engine=engine, max_steps=20,
+                             **STRATEGIES[strategy])
+        histories[engine] = run_engine(args)[1]
+    losses = {engine: step_logs(history, "loss") for engine, history in histories.items()}
+    assert len(losses["trainer"]) == 20 and len(losses["accelerate"]) == 20
+    assert losses["trainer"] == pytest.approx(losses["accelerate"], abs=1e-4)
+    assert step_logs(histories["trainer"], "learning_rate") == step_logs(histories["accelerate"], "learning_rate")
+    assert step_logs(histories["trainer"], "grad_norm") == pytest.approx(
+        step_logs(histories["accelerate"], "grad_norm"), rel=1e-3)
+    if strategy != "defaults":  # the penalties are logged, and the same, in both
+        for key in ("l1_penalty", "l2_penalty"):
+            assert len(step_logs(histories["trainer"], key)) == 20
+            assert step_logs(histories["trainer"], key) == pytest.approx(step_logs(histories["accelerate"], key), rel=1e-4)
