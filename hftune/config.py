@@ -156,6 +156,7 @@ class HftuneTrainingArguments(TrainingArguments):
         from hftune.optim import HF_OPTIMIZERS, HF_SCHEDULES, check_optimizer_name
 
         check_optimizer_name(self.optim)
+        check_training_strategy(self)  # before TrainingArguments' own checks, which need DeepSpeed installed
         optim, schedule = self.optim, self.lr_scheduler_type
         # TrainingArguments only accepts its own enum names: give it a stand-in for ours (plateau's keeps
         # its eval-strategy check and metric_for_best_model default), then put ours back.
@@ -176,7 +177,6 @@ class HftuneTrainingArguments(TrainingArguments):
             self.optim = optim
         if schedule not in HF_SCHEDULES:
             self.lr_scheduler_type = schedule
-        check_training_strategy(self)
 
 
 CONFIG_CLASSES = (ModelArguments, DataArguments, HftuneTrainingArguments)

@@ -261,6 +261,27 @@ def check_schedule(name, kwargs):
             f"lr_scheduler_type {name} {problem} in lr_scheduler_kwargs; it takes "
             f"required {list(spec.required)}, optional {spec.optional}."
         )
+    dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    try:  # build it once on a dummy optimizer, so a bad value fails now rather than after loading the model
+        if spec.on_metric:
+            WarmupReduceLROnPlateau(dummy, 0, **kwargs)
+        else:
+            spec.build(dummy, 1, 10, 2, **kwargs).step()
+    except (TypeError, ValueError) as err:
+        raise HftuneError(f"lr_scheduler_type {name} with lr_scheduler_kwargs {kwargs}: {err}") from None
+
+
+def schedule_kwargs(args):
+    """lr_scheduler_kwargs as a dict (a JSON string until TrainingArguments.__post_init__ parses it)."""
+    kwargs = args.lr_scheduler_kwargs or {}
+    if isinstance(kwargs, str):
+        try:
+            kwargs = json.loads(kwargs)
+        except json.JSONDecodeError as err:
+            raise HftuneError(f"lr_scheduler_kwargs '{kwargs}' is not a JSON mapping: {err}.") from None
+    if not isinstance(kwargs, dict):
+        raise HftuneError(f"lr_scheduler_kwargs must be a mapping, got {kwargs!r}.")
+    return dict(kwargs)
 
 
 def updates_per_epoch(num_examples, args):
@@ -272,7 +293,7 @@ def updates_per_epoch(num_examples, args):
 
 def build_scheduler(optimizer, args, total_steps, steps_per_epoch):
     name = name_of(args.lr_scheduler_type)
-    kwargs = dict(args.lr_scheduler_kwargs or {})
+    kwargs = schedule_kwargs(args)
     warmup = args.get_warmup_steps(total_steps)
     if name in HF_SCHEDULES:
         return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps,
@@ -289,7 +310,8 @@ def build_scheduler(optimizer, args, total_steps, steps_per_epoch):
 
 def describe_strategy(model, optimizer, args, regularizer=None):
     """Optimizer, parameter groups, schedule, clipping and penalties, as the run logs them at start."""
-    hyper = {k: v for k, v in optimizer.defaults.items() if not isinstance(v, (bool, type(None))) or v}
+    hyper = {k: v for k, v in optimizer.defaults.items()  # weight decay is per group, below
+             if k != "weight_decay" and (not isinstance(v, (bool, type(None))) or v)}
     trainable = {id(p) for group in optimizer.param_groups for p in group["params"]}
     frozen = [p for p in model.parameters() if id(p) not in trainable]
     groups = ", ".join(
@@ -314,4 +336,4 @@ def check_strategy(args):
     spec = optimizer_spec(args)
     if spec is not None:
         optimizer_kwargs(args, spec)
-    check_schedule(name_of(args.lr_scheduler_type), dict(args.lr_scheduler_kwargs or {}))
+    check_schedule(name_of(args.lr_scheduler_type), schedule_kwargs(args))

@@ -32,7 +32,8 @@ def setup_logging(training_args):
         handlers=[logging.StreamHandler(sys.stdout)],
     )
     level = training_args.get_process_log_level()  # replicas log less than the main process
-    logger.setLevel(level)
+    # hftune's own lines (the resolved strategy, ...) show on the logging process unless log_level says otherwise.
+    logger.setLevel(logging.INFO if training_args.log_level == "passive" and training_args.should_log else level)
     transformers.utils.logging.set_verbosity(level)
     datasets.utils.logging.set_verbosity(level)
 

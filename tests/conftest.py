@@ -110,10 +110,12 @@ def strategy_args(model, out, train, validation, **overrides):
     settings = dict(
         model_name_or_path=model, output_dir=out, train_file=train, validation_file=validation,
         label_column="sentiment", report_to="none", disable_tqdm="true", max_seq_length=48,
-        per_device_train_batch_size=16, learning_rate=3e-3, max_steps=12, logging_steps=1, warmup_steps=0,
+        per_device_train_batch_size=16, learning_rate=3e-3, max_steps=12, logging_steps=1,
         train_sampling_strategy="random", eval_strategy="no", save_strategy="no", do_eval="false",
     )
     settings.update(overrides)
+    if "warmup_ratio" not in settings:
+        settings.setdefault("warmup_steps", 0)
     return [f"--{key}={value}" for key, value in settings.items()]
 
 

@@ -136,3 +136,63 @@ def test_test_file_without_do_predict_would_be_ignored(capsys, base, tweets_csv)
 def test_model_name_or_path_unset(capsys, base):
     line = fail(capsys, base + ["--model_name_or_path", ""])
     assert "model_name_or_path is not set" in line
+
+
+STRATEGY_ERRORS = {
+    "unknown optimizer": (["--optim", "adamx"], ["unknown optim 'adamx'", "Did you mean 'adam", "'lbfgs'"]),
+    "unknown schedule": (["--lr_scheduler_type", "cosin"], ["unknown lr_scheduler_type 'cosin'", "'exponential'"]),
+    "missing schedule parameter": (["--lr_scheduler_type", "step"], ["needs ['step_size']", "optional"]),
+    "unknown schedule parameter": (["--lr_scheduler_type", "exponential", "--lr_scheduler_kwargs", '{"gamma": 0.9, "gama": 1}'],
+                                   ["does not take ['gama']"]),
+    "bad schedule interval": (["--lr_scheduler_type", "exponential", "--lr_scheduler_kwargs",
+                               '{"gamma": 0.9, "interval": "week"}'], ["interval must be 'step' or 'epoch'"]),
+    "unknown optimizer argument": (["--optim", "sgd", "--optim_args", "momentun=0.9"],
+                                   ["optim_args ['momentun'] do not apply to optim sgd", "'momentum'"]),
+    "invalid optimizer value": (["--optim", "sgd", "--optim_args", "nesterov=true"], ["optim sgd", "Nesterov"]),
+    "negative l1": (["--l1_lambda", "-0.1"], ["l1_lambda must be >= 0"]),
+    "negative l2": (["--l2_lambda", "-1"], ["l2_lambda must be >= 0"]),
+    "non-positive clip value": (["--max_grad_value", "0"], ["max_grad_value must be > 0"]),
+    "lbfgs under trainer": (["--optim", "lbfgs", "--weight_decay", "0"], ["needs engine: accelerate"]),
+    "lbfgs with default clipping": (["--optim", "lbfgs", "--engine", "accelerate", "--weight_decay", "0"],
+                                    ["max_grad_norm > 0", "set max_grad_norm: 0"]),
+    "lbfgs with weight decay": (["--optim", "lbfgs", "--engine", "accelerate", "--max_grad_norm", "0"],
+                                ["has no weight decay", "l2_lambda"]),
+    "lbfgs with accumulation": (["--optim", "lbfgs", "--engine", "accelerate", "--max_grad_norm", "0",
+                                 "--weight_decay", "0", "--gradient_accumulation_steps", "2"],
+                                ["gradient_accumulation_steps > 1"]),
+    "gd with accumulation": (["--optim", "gd", "--gradient_accumulation_steps", "4"], ["drop gradient_accumulation_steps"]),
+    "unknown engine": (["--engine", "deepspeed"], ["unknown engine 'deepspeed'", "'accelerate'"]),
+    "trainer-only feature on accelerate": (["--engine", "accelerate", "--torch_compile", "true"],
+                                           ["torch_compile is implemented by Trainer's loop only"]),
+    "both warmups": (["--warmup_steps", "10", "--warmup_ratio", "0.1"], ["warmup_steps or warmup_ratio"]),
+    "early stopping without evaluation": (["--early_stopping_patience", "2", "--eval_strategy", "no"],
+                                          ["early_stopping_patience needs", "eval_strategy"]),
+    "plateau without evaluation": (["--lr_scheduler_type", "reduce_on_plateau", "--eval_strategy", "no"],
+                                   ["requires an eval strategy"]),
+    "BatchNorm freezing on a model without BatchNorm": (["--freeze_bn_stats", "true"], ["has no BatchNorm layer"]),
+    "dropout out of range": (["--hidden_dropout", "1.5"], ["hidden_dropout must be in [0, 1)"]),
+    "regex matching nothing": (["--l1_lambda", "0.1", "--regularize", "^decoder\\."], ["matches no trainable parameter"]),
+}
+
+
+@pytest.mark.parametrize("case", STRATEGY_ERRORS)
+def test_bad_strategy_is_one_line_before_training(case, capsys, base, tmp_path):
+    flags, fragments = STRATEGY_ERRORS[case]
+    line = fail(capsys, base + ["--warmup_steps", "0"] + flags)
+    for fragment in fragments:
+        assert fragment in line, line
+    assert not (tmp_path / "out" / "trainer_state.json").exists()
+
+
+def test_clip_by_value_under_deepspeed_is_refused(capsys, base, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what `accelerate launch` with a DeepSpeed config sets
+    line = fail(capsys, base + ["--max_grad_value", "0.5"])
+    assert "max_grad_value cannot be honoured under DeepSpeed" in line
+
+
+def test_dropout_the_model_family_does_not_have(capsys, tiny_resnet, digit_folders, tmp_path):
+    train, validation = digit_folders
+    line = fail(capsys, ["--config", "image_classification", "--model_name_or_path", tiny_resnet, "--train_file",
+                         str(train), "--validation_file", str(validation), "--output_dir", str(tmp_path / "out"),
+                         "--hidden_dropout", "0.1"])
+    assert "hidden_dropout does not apply to ResNetConfig" in line

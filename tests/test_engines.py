@@ -1,6 +1,10 @@
 """The Trainer and Accelerate engines run the same strategy: same losses, same learning rates."""
 
+import shutil
+
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from conftest import run_engine, step_logs, strategy_args
 
@@ -32,3 +36,17 @@ def test_engines_log_the_same_losses_and_learning_rates(strategy, tiny_bert, twe
         for key in ("l1_penalty", "l2_penalty"):
             assert len(step_logs(histories["trainer"], key)) == 20
             assert step_logs(histories["trainer"], key) == pytest.approx(step_logs(histories["accelerate"], key), rel=1e-4)
+
+
+@pytest.mark.parametrize("engine", ["trainer", "accelerate"])
+def test_resume_from_a_checkpoint_gives_the_uninterrupted_weights(engine, tiny_bert, tweets_csv, tmp_path):
+    settings = dict(engine=engine, max_steps=6, save_strategy="steps", save_steps=3, optim="sgd",
+                    optim_args="momentum=0.9", learning_rate=0.05, lr_scheduler_type="cosine")
+    run_engine(strategy_args(tiny_bert, tmp_path / "full", *tweets_csv, **settings))
+    # A run that died after its step-3 checkpoint: only that checkpoint is left in its output_dir.
+    shutil.copytree(tmp_path / "full" / "checkpoint-3", tmp_path / "resumed" / "checkpoint-3")
+    _, history = run_engine(strategy_args(tiny_bert, tmp_path / "resumed", *tweets_csv,
+                                          resume_from_checkpoint="true", **settings))
+    assert [entry["step"] for entry in history if "loss" in entry] == list(range(1, 7))
+    full, resumed = load_file(tmp_path / "full/model.safetensors"), load_file(tmp_path / "resumed/model.safetensors")
+    assert all(torch.equal(full[name], resumed[name]) for name in full)

@@ -31,13 +31,16 @@ def launch(config, num_processes, args, tmp_path):
     return result
 
 
-def test_two_process_ddp_shards_and_matches_one_process(tiny_bert, tweets_csv, tmp_path):
+@pytest.mark.parametrize("engine", ["trainer", "accelerate"])
+def test_two_process_ddp_shards_and_matches_one_process(engine, tiny_bert, tweets_csv, tmp_path):
     train, validation = tweets_csv
     common = ["--model_name_or_path", tiny_bert, "--train_file", str(train), "--validation_file", str(validation),
               "--label_column", "sentiment", "--report_to", "none", "--max_seq_length", "32",
               "--num_train_epochs", "1", "--logging_steps", "1", "--learning_rate", "1e-3",
               "--disable_tqdm", "true", "--dataloader_drop_last", "true", "--seed", "7",
-              "--train_sampling_strategy", "sequential"]
+              "--train_sampling_strategy", "sequential", "--engine", engine,
+              # penalties and clipping by value act on the averaged gradient, as on one process
+              "--l2_lambda", "1e-3", "--max_grad_value", "0.05"]
     launch("single_device.yaml", 1, common + ["--output_dir", str(tmp_path / "one"),
                                               "--per_device_train_batch_size", "16"], tmp_path)
     launch("ddp.yaml", 2, common + ["--output_dir", str(tmp_path / "two"),

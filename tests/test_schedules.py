@@ -58,3 +58,10 @@ def test_reduce_on_plateau_warms_up_then_halves_after_each_flat_evaluation(engin
     )
     logged = step_logs(run_engine(args)[1], "learning_rate")
     assert logged == pytest.approx([0.0, LR / 2] + [LR * 0.5 ** ((t - 1) // 2) for t in range(3, 9)], rel=1e-6)
+
+
+def test_warmup_ratio_is_a_fraction_of_the_training_steps(tiny_bert, tweets_csv, tmp_path):
+    args = strategy_args(tiny_bert, tmp_path / "out", *tweets_csv, lr_scheduler_type="linear", learning_rate=LR,
+                         warmup_ratio=WARMUP / STEPS, max_steps=STEPS, max_train_samples=64)
+    logged = step_logs(run_engine(args)[1], "learning_rate")
+    assert logged == pytest.approx(expected_rates(SCHEDULES["linear"][1]), rel=1e-6, abs=1e-12)
