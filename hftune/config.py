@@ -291,13 +291,19 @@ def _flags(argv):
     return {a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")}
 
 
+# Settings that exclude each other: choosing one on the command line drops the recipe's other.
+ALTERNATIVES = ((FILE_SOURCES, HUB_SOURCES), (("warmup_steps",), ("warmup_ratio",)))
+
+
 def choose_data_source(recipe, cli, path):
     """Data comes from dataset_name or from files, never both. A CLI choice replaces the recipe's
-    (so `hftune --train_file my.csv` leaves the default recipe's data set out)."""
+    (so `hftune --train_file my.csv` leaves the default recipe's data set out); so does
+    warmup_ratio for warmup_steps and back."""
     cli_flags = _flags(cli)
-    for chosen, other in ((FILE_SOURCES, HUB_SOURCES), (HUB_SOURCES, FILE_SOURCES)):
-        if cli_flags & set(chosen):
-            recipe = {k: v for k, v in recipe.items() if k not in other}
+    for first, second in ALTERNATIVES:
+        for chosen, other in ((first, second), (second, first)):
+            if cli_flags & set(chosen):
+                recipe = {k: v for k, v in recipe.items() if k not in other}
     recipe_keys = {k for k, v in recipe.items() if v is not None}
     for where, keys in ((path, recipe_keys), ("the command line", cli_flags)):
         if "dataset_name" in keys and keys & set(FILE_SOURCES):
