@@ -40,7 +40,8 @@ class ModelArguments:
         metadata={"help": "Re-initialise a classification head whose shape differs from the checkpoint's."},
     )
     hidden_dropout: float = field(
-        default=None, metadata={"help": "Override the checkpoint's hidden/residual dropout (e.g. BERT hidden_dropout_prob)."}
+        default=None,
+        metadata={"help": "Override the checkpoint's hidden/residual dropout (e.g. BERT hidden_dropout_prob)."},
     )
     attention_dropout: float = field(
         default=None, metadata={"help": "Override the checkpoint's attention dropout."}
@@ -362,6 +363,8 @@ def resolved_config(model_args, data_args, training_args):
     resolved.update(training_args.to_dict())
     # Secrets never go to disk, and a re-run on another machine picks its own device.
     resolved = {k: v for k, v in resolved.items() if not k.endswith("_token")}
+    if resolved.get("warmup_ratio") is not None:  # __post_init__ copied it into warmup_steps
+        resolved.pop("warmup_steps")
     if not torch.accelerator.is_available() and resolved.get("use_cpu"):
         resolved.pop("use_cpu")
     return json.loads(json.dumps(resolved, default=str))  # enums and paths as plain values

@@ -266,8 +266,8 @@ def check_schedule(name, kwargs):
         if spec.on_metric:
             WarmupReduceLROnPlateau(dummy, 0, **kwargs)
         else:
-            spec.build(dummy, 1, 10, 2, **kwargs).step()
-    except (TypeError, ValueError) as err:
+            spec.build(dummy, 0, 10, 2, **kwargs)  # LambdaLR evaluates step 0 right away
+    except (TypeError, ValueError, ArithmeticError) as err:
         raise HftuneError(f"lr_scheduler_type {name} with lr_scheduler_kwargs {kwargs}: {err}") from None
 
 

@@ -87,7 +87,7 @@ def clip_grad_value_(parameters, max_value):
 DROPOUT_KEYS = {
     "hidden_dropout": ("hidden_dropout_prob", "resid_pdrop", "embd_pdrop", "hidden_dropout", "dropout"),
     "attention_dropout": ("attention_probs_dropout_prob", "attn_pdrop", "attention_dropout"),
-    "classifier_dropout": ("classifier_dropout", "summary_first_dropout"),
+    "classifier_dropout": ("classifier_dropout", "seq_classif_dropout"),
 }
 
 
@@ -102,7 +102,8 @@ def apply_dropout_overrides(config, model_args):
             raise HftuneError(f"{name} must be in [0, 1), got {value}.")
         present = [key for key in keys if hasattr(config, key)]
         if not present:
-            raise HftuneError(f"{name} does not apply to {type(config).__name__} (it has none of {list(keys)}); drop it.")
+            raise HftuneError(f"{name} does not apply to {type(config).__name__} "
+                              f"(it has none of {list(keys)}); drop it.")
         for key in present:
             setattr(config, key, value)
     return config

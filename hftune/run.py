@@ -96,7 +96,7 @@ def setup(model_args, data_args, training_args):
     if training_args.do_predict and bundle.test_dataset is None:
         raise HftuneError("do_predict needs a test split: set test_file, or a dataset_name that has one.")
     save_resolved_config(model_args, data_args, training_args)
-    return build_engine(bundle, training_args), bundle, checkpoint
+    return build_engine(bundle, training_args, checkpoint), bundle, checkpoint
 
 
 def train(trainer, bundle, training_args, checkpoint):

@@ -168,7 +168,7 @@ STRATEGY_ERRORS = {
     "early stopping without evaluation": (["--early_stopping_patience", "2", "--eval_strategy", "no"],
                                           ["early_stopping_patience needs", "eval_strategy"]),
     "plateau without evaluation": (["--lr_scheduler_type", "reduce_on_plateau", "--eval_strategy", "no"],
-                                   ["requires an eval strategy"]),
+                                   ["reduce_on_plateau steps on evaluations", "eval_strategy: steps or epoch"]),
     "BatchNorm freezing on a model without BatchNorm": (["--freeze_bn_stats", "true"], ["has no BatchNorm layer"]),
     "dropout out of range": (["--hidden_dropout", "1.5"], ["hidden_dropout must be in [0, 1)"]),
     "regex matching nothing": (["--l1_lambda", "0.1", "--regularize", "^decoder\\."], ["matches no trainable parameter"]),
@@ -196,3 +196,15 @@ def test_dropout_the_model_family_does_not_have(capsys, tiny_resnet, digit_folde
                          str(train), "--validation_file", str(validation), "--output_dir", str(tmp_path / "out"),
                          "--hidden_dropout", "0.1"])
     assert "hidden_dropout does not apply to ResNetConfig" in line
+
+
+def test_a_checkpoint_of_the_other_engine_is_refused(capsys, base, tmp_path):
+    (tmp_path / "out" / "checkpoint-3" / "engine_state").mkdir(parents=True)  # what engine: accelerate writes
+    (tmp_path / "out" / "checkpoint-3" / "trainer_state.json").write_text("{}")
+    line = fail(capsys, base + ["--resume_from_checkpoint", "true"])
+    assert "was written by engine: accelerate; resume it with engine: accelerate" in line
+
+
+def test_evaluation_without_a_validation_split(capsys, base):
+    line = fail(capsys, base[:4] + base[6:] + ["--validation_split_percentage", "0", "--eval_strategy", "steps"])
+    assert "eval_strategy steps needs a validation split" in line

@@ -50,3 +50,12 @@ def test_resume_from_a_checkpoint_gives_the_uninterrupted_weights(engine, tiny_b
     assert [entry["step"] for entry in history if "loss" in entry] == list(range(1, 7))
     full, resumed = load_file(tmp_path / "full/model.safetensors"), load_file(tmp_path / "resumed/model.safetensors")
     assert all(torch.equal(full[name], resumed[name]) for name in full)
+
+
+def test_train_loss_counts_the_steps_after_the_last_log_line(tiny_bert, tweets_csv, tmp_path):
+    train_loss = {}
+    for engine in ("trainer", "accelerate"):
+        engine_, history = run_engine(strategy_args(tiny_bert, tmp_path / engine, *tweets_csv, engine=engine,
+                                                    max_steps=12, logging_steps=5))
+        train_loss[engine] = history[-1]["train_loss"]
+    assert train_loss["trainer"] == pytest.approx(train_loss["accelerate"], abs=1e-5)

@@ -5,7 +5,6 @@ import io
 import json
 import pickle
 
-import numpy as np
 import pandas as pd
 import pytest
 from datasets import Dataset, DatasetDict

@@ -1,9 +1,7 @@
 """text-classification end to end on a tiny BERT saved locally and real tweets."""
 
-import os
 
 import pandas as pd
-import pytest
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from conftest import logged_losses, read_json
@@ -52,11 +50,21 @@ def test_string_labels_train_save_and_reload(tiny_bert, tweets_csv, tmp_path):
 def test_resolved_config_reproduces_the_run(tiny_bert, tweets_csv, tmp_path):
     train, validation = tweets_csv
     out = tmp_path / "out"
-    main(run_args(tiny_bert, out, train_file=train, validation_file=validation, label_column="sentiment",
-                  max_steps=2))
+    argv = run_args(tiny_bert, out, train_file=train, validation_file=validation, label_column="sentiment",
+                    max_steps=2, optim="sgd", optim_args="momentum=0.9", lr_scheduler_type="step",
+                    lr_scheduler_kwargs='{"step_size": 1}', warmup_ratio=0.5, l2_lambda=0.01)
+    main(_without(argv, "--warmup_steps"))
     model_args, data_args, args = parse_config(["--config", str(out / "hftune_config.yaml")])
     assert (args.max_steps, args.learning_rate, data_args.label_column) == (2, 3e-3, "sentiment")
     assert model_args.model_name_or_path == tiny_bert and data_args.train_file == str(train)
+    assert (args.optim, args.optim_args, args.lr_scheduler_type) == ("sgd", "momentum=0.9", "step")
+    assert (args.lr_scheduler_kwargs, args.warmup_ratio, args.l2_lambda) == ({"step_size": 1}, 0.5, 0.01)
+
+
+def _without(argv, flag):
+    """argv minus `flag` and its value."""
+    i = argv.index(flag)
+    return argv[:i] + argv[i + 2:]
 
 
 def test_text_pairs_with_integer_labels(tiny_bert, tweets, tmp_path):

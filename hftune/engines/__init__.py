@@ -2,8 +2,10 @@
 Accelerate loop). Both take the same optimizer, schedule, clipping and penalties from the config;
 the checks here refuse, before training, what an engine or launch cannot honour."""
 
+import json
 import logging
 import os
+from pathlib import Path
 
 from hftune.errors import HftuneError
 from hftune.optim import check_strategy, name_of, optimizer_spec, updates_per_epoch
@@ -18,10 +20,24 @@ def uses_deepspeed(args):
     return bool(args.deepspeed) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
+def shards_parameters(args):
+    """FSDP or ZeRO-3: each process holds only a shard of every parameter."""
+    if args.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        return True
+    if not uses_deepspeed(args):
+        return False
+    stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    if stage is None and args.deepspeed:
+        config = args.deepspeed if isinstance(args.deepspeed, dict) else json.loads(Path(args.deepspeed).read_text())
+        stage = config.get("zero_optimization", {}).get("stage", 0)
+    return str(stage) == "3"
+
+
 def _check_closure_optimizer(args, name):
     """A line search re-evaluates the loss on one batch with the true gradient."""
     if args.engine != "accelerate":
-        raise HftuneError(f"optim {name} needs engine: accelerate (Trainer's loop cannot pass a closure to optimizer.step).")
+        raise HftuneError(f"optim {name} needs engine: accelerate "
+                          "(Trainer's loop cannot pass a closure to optimizer.step).")
     problems = {
         "gradient_accumulation_steps > 1": args.gradient_accumulation_steps > 1,
         "max_grad_norm > 0 (TrainingArguments' default is 1.0; set max_grad_norm: 0)": args.max_grad_norm > 0,
@@ -31,25 +47,31 @@ def _check_closure_optimizer(args, name):
     }
     for problem, present in problems.items():
         if present:
-            raise HftuneError(f"optim {name} cannot run with {problem}; its line search needs the true gradient of one batch.")
+            raise HftuneError(f"optim {name} cannot run with {problem}; "
+                              "its line search needs the true gradient of one batch.")
 
 
 # TrainingArguments features only Trainer's loop implements: set under engine: accelerate, they are refused.
 TRAINER_ONLY = ("load_best_model_at_end", "torch_compile", "push_to_hub", "eval_on_start", "auto_find_batch_size",
-                "neftune_noise_alpha", "deepspeed", "fsdp", "save_only_model", "include_for_metrics")
+                "neftune_noise_alpha", "deepspeed", "fsdp", "save_only_model", "include_for_metrics",
+                "include_num_input_tokens_seen", "fp16_full_eval", "bf16_full_eval", "torch_empty_cache_steps")
+UNSET = (None, False, "", "no", [], {})
 ACCELERATE_SAMPLING = ("random", "sequential", "group_by_length")
 
 
 def _check_accelerate_engine(args):
     for name in TRAINER_ONLY:
-        if getattr(args, name, None):
+        if getattr(args, name, None) not in UNSET:
             raise HftuneError(f"{name} is implemented by Trainer's loop only; use engine: trainer or drop {name}.")
     if args.train_sampling_strategy not in ACCELERATE_SAMPLING:
         raise HftuneError(f"engine: accelerate supports train_sampling_strategy {list(ACCELERATE_SAMPLING)}.")
     if args.save_strategy == "best":
         raise HftuneError("save_strategy: best needs engine: trainer; use steps or epoch.")
     if uses_deepspeed(args) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
-        raise HftuneError("engine: accelerate runs single-device and DDP launches; use engine: trainer for DeepSpeed/FSDP.")
+        raise HftuneError("engine: accelerate runs single-device and DDP launches; "
+                          "use engine: trainer for DeepSpeed/FSDP.")
+    if name_of(args.lr_scheduler_type) == "greedy":
+        raise HftuneError("lr_scheduler_type greedy needs engine: trainer; reduce_on_plateau works in both engines.")
 
 
 def check_training_strategy(args):
@@ -63,19 +85,29 @@ def check_training_strategy(args):
         if getattr(args, name) < 0:
             raise HftuneError(f"{name} must be >= 0, got {getattr(args, name)}.")
     if args.max_grad_value is not None and args.max_grad_value <= 0:
-        raise HftuneError(f"max_grad_value must be > 0, got {args.max_grad_value}; drop it to turn clipping by value off.")
+        raise HftuneError(f"max_grad_value must be > 0, got {args.max_grad_value}; "
+                          "drop it to turn clipping by value off.")
     if args.max_grad_norm_type <= 0:
-        raise HftuneError(f"max_grad_norm_type must be > 0 (2 for the Euclidean norm, inf for the max), got {args.max_grad_norm_type}.")
+        raise HftuneError(f"max_grad_norm_type must be > 0 (2 for the Euclidean norm, inf for the max), "
+                          f"got {args.max_grad_norm_type}.")
     if args.early_stopping_patience is not None and (args.early_stopping_patience < 1 or args.eval_strategy == "no"):
         raise HftuneError("early_stopping_patience needs a value >= 1 and an eval_strategy (steps or epoch).")
+    if name_of(args.lr_scheduler_type) == "reduce_on_plateau" and args.eval_strategy == "no":
+        raise HftuneError("lr_scheduler_type reduce_on_plateau steps on evaluations; "
+                          "set eval_strategy: steps or epoch.")
+    if (args.l1_lambda or args.l2_lambda) and shards_parameters(args):
+        raise HftuneError("l1_lambda/l2_lambda need whole parameters on every process; FSDP and ZeRO-3 shard them "
+                          "(use ZeRO-1/2 or DDP, or weight_decay).")
     spec, name = optimizer_spec(args), name_of(args.optim)
     if spec is not None and spec.needs_closure:
         _check_closure_optimizer(args, name)
     if spec is not None and spec.full_batch and args.gradient_accumulation_steps != 1:
-        raise HftuneError(f"optim {name} accumulates over the whole training set itself; drop gradient_accumulation_steps.")
+        raise HftuneError(f"optim {name} accumulates over the whole training set itself; "
+                          "drop gradient_accumulation_steps.")
     if uses_deepspeed(args):
         if args.max_grad_value:
-            raise HftuneError("max_grad_value cannot be honoured under DeepSpeed (it owns the gradients); use max_grad_norm.")
+            raise HftuneError("max_grad_value cannot be honoured under DeepSpeed (it owns the gradients); "
+                              "use max_grad_norm.")
         if args.max_grad_norm_type != 2:
             raise HftuneError("DeepSpeed's gradient_clipping is a 2-norm; drop max_grad_norm_type or use DDP/FSDP.")
 
@@ -85,11 +117,26 @@ def resolve_full_batch(args, num_examples):
     spec = optimizer_spec(args)
     if spec is not None and spec.full_batch:
         args.gradient_accumulation_steps = updates_per_epoch(num_examples, args)  # GA is 1 here: batches/epoch
-        logger.info(f"optim {name_of(args.optim)}: one update per epoch over {args.gradient_accumulation_steps} batches")
+        logger.info(f"optim {name_of(args.optim)}: one update per epoch, "
+                    f"over {args.gradient_accumulation_steps} batches")
 
 
-def build_engine(bundle, args):
+def check_resume(args, checkpoint):
+    """Each engine resumes only its own checkpoints (their optimizer and RNG states differ in layout)."""
+    if checkpoint is None:
+        return
+    written_by = "accelerate" if os.path.isdir(os.path.join(checkpoint, "engine_state")) else "trainer"
+    if written_by != args.engine:
+        raise HftuneError(f"{checkpoint} was written by engine: {written_by}; resume it with engine: {written_by}, "
+                          "or start fresh in another output_dir.")
+
+
+def build_engine(bundle, args, checkpoint=None):
     """The engine `args.engine` names, ready to train/evaluate/save like a Trainer."""
+    check_resume(args, checkpoint)
+    if args.eval_strategy != "no" and bundle.eval_dataset is None:
+        raise HftuneError(f"eval_strategy {name_of(args.eval_strategy)} needs a validation split; set "
+                          "validation_file or validation_split_percentage > 0, or eval_strategy: no.")
     frozen = apply_batchnorm_policy(bundle.model, args.freeze_bn_stats, args.freeze_bn_affine)
     if frozen:
         logger.info(f"BatchNorm: {frozen} layers, running stats frozen={args.freeze_bn_stats}, "

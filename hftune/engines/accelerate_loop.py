@@ -5,9 +5,10 @@ It takes its optimizer, schedule, clipping and penalties from the same registrie
 engine, and drives Trainer's own callbacks (flow, progress bar, trackers, early stopping), so a
 run logs the same lines and writes the same trainer_state.json. Same recipe and seed on one
 process: the same losses and learning rates as `engine: trainer`.
-Differences from Trainer: under gradient accumulation each micro-batch's mean loss counts
-equally (Trainer weighs a causal LM's tokens across micro-batches); checkpoints hold the model
-plus `engine_state/` from `Accelerator.save_state`.
+Differences from Trainer: under gradient accumulation and DDP each micro-batch's mean loss counts
+equally (Trainer weighs a causal LM's tokens across micro-batches and processes, which differs
+only when batches hold different numbers of tokens, e.g. `concatenate_texts: false`);
+checkpoints hold the model plus `engine_state/` from `Accelerator.save_state`.
 """
 
 import glob
@@ -22,9 +23,9 @@ from itertools import islice
 
 import numpy as np
 import torch
-from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
-from transformers import default_data_collator, enable_full_determinism, set_seed
+from transformers import PreTrainedModel, default_data_collator, enable_full_determinism, set_seed
 from transformers.integrations import get_reporting_integration_callbacks
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.trainer_callback import (
@@ -39,9 +40,10 @@ from hftune.optim import (
 from hftune.regularization import clip_grad_value_, early_stopping_callback, penalties_for
 
 logger = logging.getLogger("hftune")
+ENGINE_STATE = "engine_state"  # Accelerator.save_state's folder inside checkpoint-N
 
 
-def make_accelerator(args):
+def make_accelerator(args, is_hf_model=True):
     """An Accelerator configured from TrainingArguments the way Trainer configures its own."""
     config = args.accelerator_config.to_dict()
     dataloader_config = DataLoaderConfiguration(
@@ -49,8 +51,15 @@ def make_accelerator(args):
         even_batches=config["even_batches"], use_seedable_sampler=config["use_seedable_sampler"],
         data_seed=args.data_seed,
     )
-    precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "no"
-    return Accelerator(cpu=args.use_cpu, mixed_precision=precision, dataloader_config=dataloader_config)
+    dataloader_config.non_blocking = config["non_blocking"]
+    find_unused = not args.activation_checkpointing if is_hf_model else True  # Trainer's default
+    ddp = {"find_unused_parameters": find_unused if args.ddp_find_unused_parameters is None
+           else args.ddp_find_unused_parameters}
+    for name in ("bucket_cap_mb", "broadcast_buffers", "static_graph"):
+        if getattr(args, f"ddp_{name}") is not None:
+            ddp[name] = getattr(args, f"ddp_{name}")
+    return Accelerator(cpu=args.use_cpu, mixed_precision=args.mixed_precision, dataloader_config=dataloader_config,
+                       kwargs_handlers=[DistributedDataParallelKwargs(**ddp)])
 
 
 class AccelerateEngine:
@@ -62,7 +71,7 @@ class AccelerateEngine:
         self.bundle, self.args = bundle, args
         # Trainer reseeds here too, so both engines draw the same data order and dropout masks.
         enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
-        self.accelerator = make_accelerator(args)
+        self.accelerator = make_accelerator(args, isinstance(bundle.model, PreTrainedModel))
         self.model = bundle.model
         self.is_causal = type(self.model).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
         self.label_smoother = LabelSmoother(args.label_smoothing_factor) if args.label_smoothing_factor else None
@@ -97,13 +106,22 @@ class AccelerateEngine:
                                         dataset=dataset, model_input_name=self.bundle.processor.model_input_names[0])
         return SequentialSampler(dataset) if strategy == "sequential" else RandomSampler(dataset)
 
+    def _eval_sampler(self, dataset):
+        if self.args.train_sampling_strategy == "group_by_length":  # as Trainer: batches of similar length
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            return LengthGroupedSampler(self.args.per_device_eval_batch_size, dataset=dataset,
+                                        model_input_name=self.bundle.processor.model_input_names[0],
+                                        generator=torch.Generator().manual_seed(seed))
+        return SequentialSampler(dataset)
+
     def _dataloader(self, dataset, training):
         args = self.args
         loader = DataLoader(
             dataset, batch_size=args.per_device_train_batch_size if training else args.per_device_eval_batch_size,
-            sampler=self._train_sampler(dataset) if training else SequentialSampler(dataset),
+            sampler=self._train_sampler(dataset) if training else self._eval_sampler(dataset),
             collate_fn=self.bundle.data_collator or default_data_collator, num_workers=args.dataloader_num_workers,
-            pin_memory=args.dataloader_pin_memory, drop_last=args.dataloader_drop_last if training else False,
+            pin_memory=args.dataloader_pin_memory, drop_last=args.dataloader_drop_last,
+            persistent_workers=args.dataloader_persistent_workers, prefetch_factor=args.dataloader_prefetch_factor,
             worker_init_fn=partial(seed_worker, num_workers=args.dataloader_num_workers, rank=args.process_index)
             if training else None,
         )
@@ -128,7 +146,13 @@ class AccelerateEngine:
             with nullcontext() if last else self.accelerator.no_sync(self.model):
                 loss = self.penalties.add_to(self.compute_loss(self.model, batch)[0]) / len(micro_batches)
                 self.accelerator.backward(loss)
-            self._tr_loss += loss.detach()
+            self._add_to_logged_loss(loss.detach())
+
+    def _add_to_logged_loss(self, loss):
+        if self.args.logging_nan_inf_filter and not torch.isfinite(loss):
+            # as Trainer: a non-finite loss counts as the mean of the losses since the last log line
+            loss = self._tr_loss / (1 + self.state.global_step - self._last_logged)
+        self._tr_loss += loss
 
     def _closure_step(self, batch):
         """Line-search optimizers (lbfgs) re-evaluate loss and gradient as often as they need."""
@@ -143,7 +167,7 @@ class AccelerateEngine:
 
         self.callback_handler.on_pre_optimizer_step(self.args, self.state, self.control)
         self.optimizer.step(closure)  # Accelerate's wrapper drops step()'s return value
-        self._tr_loss += losses[0]  # the loss before the step, as for every other optimizer
+        self._add_to_logged_loss(losses[0])  # the loss before the step, as for every other optimizer
         self._grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), float("inf"))
 
     def _gradient_step(self, micro_batches):
@@ -180,8 +204,11 @@ class AccelerateEngine:
         per_epoch = max(1, math.ceil(len(train_loader) / args.gradient_accumulation_steps))
         max_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * per_epoch)
         epochs = math.ceil(max_steps / per_epoch) if args.max_steps > 0 else math.ceil(args.num_train_epochs)
-        if args.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs)
+        if args.activation_checkpointing:  # as Trainer: two keys select layers, the rest go to torch
+            kwargs = dict(args.activation_checkpointing_kwargs or {})
+            self.model.activation_checkpointing_enable(
+                activation_checkpointing_kwargs=kwargs or None, every_n_layers=kwargs.pop("every_n_layers", 1),
+                offload=kwargs.pop("offload", False))
         self.optimizer = build_optimizer(self.model, args)
         for line in describe_strategy(self.model, self.optimizer, args, self.penalties):
             logger.info(line)
@@ -199,13 +226,14 @@ class AccelerateEngine:
         """Model, optimizer, schedule and RNG states from checkpoint-N; returns (epochs done, batches to skip)."""
         if checkpoint is None:
             return 0, 0
-        self.accelerator.load_state(os.path.join(checkpoint, "engine_state"))
+        self.accelerator.load_state(os.path.join(checkpoint, ENGINE_STATE))
         loaded = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
         for key in ("global_step", "epoch", "log_history", "best_metric", "best_global_step"):
             setattr(self.state, key, getattr(loaded, key))
         logger.info(f"resumed from {checkpoint} at step {self.state.global_step}")
         done = self.state.global_step
-        return done // per_epoch, (done % per_epoch) * self.args.gradient_accumulation_steps
+        skip = 0 if self.args.ignore_data_skip else (done % per_epoch) * self.args.gradient_accumulation_steps
+        return done // per_epoch, skip
 
     def train(self, resume_from_checkpoint=None):
         args = self.args
@@ -272,6 +300,7 @@ class AccelerateEngine:
             self.state.best_metric, self.state.best_global_step = value, self.state.global_step
 
     def _train_output(self, start, first_step, max_steps, epochs):
+        self._total_loss += self.accelerator.reduce(self._tr_loss, "mean").item()  # steps after the last log line
         steps = max(self.state.global_step - first_step, 1)
         batch = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
         samples = len(self.bundle.train_dataset) * epochs if self.args.max_steps <= 0 else max_steps * batch
@@ -331,7 +360,7 @@ class AccelerateEngine:
     def _save_checkpoint(self):
         path = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
         self.save_model(path)
-        self.accelerator.save_state(os.path.join(path, "engine_state"))
+        self.accelerator.save_state(os.path.join(path, ENGINE_STATE))
         if self.accelerator.is_main_process:
             self.state.save_to_json(os.path.join(path, "trainer_state.json"))
             self._rotate_checkpoints()

@@ -19,14 +19,15 @@ class StrategyCallback(TrainerCallback):
     Trainer's norm clipping, which has already unscaled AMP gradients), and warmup for
     reduce_on_plateau, which Trainer only steps after evaluations."""
 
-    def __init__(self, max_grad_value):
-        self.max_grad_value = max_grad_value
+    def __init__(self, accelerator, max_grad_value):
+        self.accelerator, self.max_grad_value = accelerator, max_grad_value
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         clip_grad_value_(model.parameters(), self.max_grad_value)
 
     def on_step_end(self, args, state, control, lr_scheduler=None, **kwargs):
-        if isinstance(lr_scheduler, WarmupReduceLROnPlateau):
+        # as Trainer's own scheduler step: not after a step the AMP loss scaler skipped
+        if isinstance(lr_scheduler, WarmupReduceLROnPlateau) and not self.accelerator.optimizer_step_was_skipped:
             lr_scheduler.warmup_step()
 
 
@@ -38,7 +39,7 @@ class HftuneTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.derived_metrics = derived_metrics
         self.penalties = penalties_for(self.model, self.args)
-        self.add_callback(StrategyCallback(self.args.max_grad_value))
+        self.add_callback(StrategyCallback(self.accelerator, self.args.max_grad_value))
         stopper = early_stopping_callback(self.args)
         if stopper is not None:
             self.add_callback(stopper)
@@ -82,7 +83,8 @@ class HftuneTrainer(Trainer):
         # by num_items_in_batch; the penalty must count once per optimizer step either way.
         scaled = self.loss_is_scaled_for_ga
         if scaled is None:
-            scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+            scaled = self.compute_loss_func is not None or (
+                self.model_accepts_loss_kwargs and num_items_in_batch is not None)
         loss = self.penalties.add_to(loss, 1 / self.current_gradient_accumulation_steps if scaled else 1.0)
         return (loss, outputs) if return_outputs else loss
 
