@@ -79,10 +79,9 @@ class AccelerateEngine:
         self.optimizer = self.lr_scheduler = None
         self.state, self.control = self._new_state(), TrainerControl()
         callbacks = [DefaultFlowCallback, *get_reporting_integration_callbacks(args.report_to),
-                     PrinterCallback if args.disable_tqdm else ProgressCallback]
-        if early_stopping_callback(args) is not None:
-            callbacks.append(early_stopping_callback(args))
-        self.callback_handler = CallbackHandler(callbacks, self.model, bundle.processor, None, None)
+                     PrinterCallback if args.disable_tqdm else ProgressCallback, early_stopping_callback(args)]
+        self.callback_handler = CallbackHandler([c for c in callbacks if c is not None], self.model,
+                                                bundle.processor, None, None)
 
     def add_callback(self, callback):
         self.callback_handler.add_callback(callback)
@@ -120,7 +119,8 @@ class AccelerateEngine:
             dataset, batch_size=args.per_device_train_batch_size if training else args.per_device_eval_batch_size,
             sampler=self._train_sampler(dataset) if training else self._eval_sampler(dataset),
             collate_fn=self.bundle.data_collator or default_data_collator, num_workers=args.dataloader_num_workers,
-            pin_memory=args.dataloader_pin_memory, drop_last=args.dataloader_drop_last,
+            # evaluation sees every example (Trainer drops an eval set's last partial batch too)
+            pin_memory=args.dataloader_pin_memory, drop_last=args.dataloader_drop_last and training,
             persistent_workers=args.dataloader_persistent_workers, prefetch_factor=args.dataloader_prefetch_factor,
             worker_init_fn=partial(seed_worker, num_workers=args.dataloader_num_workers, rank=args.process_index)
             if training else None,
