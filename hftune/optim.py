@@ -308,6 +308,12 @@ def build_scheduler(optimizer, args, total_steps, steps_per_epoch):
 # ---- the strategy, in a few log lines ----
 
 
+def _warmup_text(warmup_steps):
+    if not warmup_steps:
+        return "no warmup"
+    return f"warmup {int(warmup_steps)} steps" if warmup_steps >= 1 else f"warmup {warmup_steps:.0%} of the steps"
+
+
 def describe_strategy(model, optimizer, args, regularizer=None):
     """Optimizer, parameter groups, schedule, clipping and penalties, as the run logs them at start."""
     hyper = {k: v for k, v in optimizer.defaults.items()  # weight decay is per group, below
@@ -323,7 +329,7 @@ def describe_strategy(model, optimizer, args, regularizer=None):
     lines = [
         f"optimizer: {name_of(args.optim)} ({type(optimizer).__name__}) {hyper}",
         f"parameter groups: {groups}; frozen: {len(frozen)} tensors/{sum(p.numel() for p in frozen):,} params",
-        f"lr schedule: {schedule} {args.lr_scheduler_kwargs or {}}, warmup_steps {args.warmup_steps}",
+        f"lr schedule: {schedule} {schedule_kwargs(args)}, {_warmup_text(args.warmup_steps)}",
         f"gradient clipping: {clip}, value {args.max_grad_value or 'off'}",
     ]
     if regularizer is not None:

@@ -16,23 +16,37 @@ STRATEGIES = {
         per_device_train_batch_size=8, l1_lambda=1e-4, l2_lambda=1e-3, max_grad_value=0.05,
         max_grad_norm=0.5, max_grad_norm_type="inf", label_smoothing_factor=0.1,
     ),
+    "bf16-autocast": dict(bf16="true", optim="adamw", lr_scheduler_type="exponential",
+                          lr_scheduler_kwargs='{"gamma": 0.9}'),
 }
+STRATEGY_LINES = [  # what the heavy strategy logs at start, in both engines
+    "optimizer: sgd (SGD) {'lr': 0.05, 'momentum': 0.9, 'dampening': 0.0, 'nesterov': True}",
+    "parameter groups: 17 tensors/998,368 params with weight_decay 0.01, 24 tensors/803 params with weight_decay 0.0;"
+    " frozen: 0 tensors/0 params",
+    "lr schedule: cosine {'min_lr': 0.005}, warmup 4 steps",
+    "gradient clipping: norm 0.5 (p=inf), value 0.05",
+    "penalties: l1 lambda 0.0001, l2 lambda 0.001 on 17 tensors/998,368 params (regularize: weights)",
+]
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_engines_log_the_same_losses_and_learning_rates(strategy, tiny_bert, tweets_csv, tmp_path):
+def test_engines_log_the_same_losses_and_learning_rates(strategy, tiny_bert, tweets_csv, tmp_path, caplog):
     histories = {}
     for engine in ("trainer", "accelerate"):
         args = strategy_args(tiny_bert, tmp_path / engine, *tweets_csv, engine=engine, max_steps=20,
                              **STRATEGIES[strategy])
+        caplog.clear()
         histories[engine] = run_engine(args)[1]
+        if strategy.startswith("sgd"):
+            logged = "\n".join(r.getMessage() for r in caplog.records if r.name == "hftune")
+            assert all(line in logged for line in STRATEGY_LINES), logged
     losses = {engine: step_logs(history, "loss") for engine, history in histories.items()}
     assert len(losses["trainer"]) == 20 and len(losses["accelerate"]) == 20
     assert losses["trainer"] == pytest.approx(losses["accelerate"], abs=1e-4)
     assert step_logs(histories["trainer"], "learning_rate") == step_logs(histories["accelerate"], "learning_rate")
     assert step_logs(histories["trainer"], "grad_norm") == pytest.approx(
         step_logs(histories["accelerate"], "grad_norm"), rel=1e-3)
-    if strategy != "defaults":  # the penalties are logged, and the same, in both
+    if strategy.startswith("sgd"):  # the penalties are logged, and the same, in both
         for key in ("l1_penalty", "l2_penalty"):
             assert len(step_logs(histories["trainer"], key)) == 20
             assert step_logs(histories["trainer"], key) == pytest.approx(step_logs(histories["accelerate"], key), rel=1e-4)

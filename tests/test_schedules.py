@@ -6,7 +6,7 @@ import pytest
 
 from conftest import run_engine, step_logs, strategy_args
 
-LR, WARMUP, STEPS, PER_EPOCH = 0.01, 3, 12, 4  # 64 examples / batch 16 = 4 steps per epoch
+LR, WARMUP, STEPS, PER_EPOCH = 0.01, 3, 12, 4  # 16 examples / batch 4 = 4 steps per epoch
 
 
 def warm(t):
@@ -42,9 +42,11 @@ def test_logged_learning_rate_follows_the_formula(schedule, tiny_bert, tweets_cs
     kwargs, formula = SCHEDULES[schedule]
     args = strategy_args(tiny_bert, tmp_path / "out", *tweets_csv, lr_scheduler_type=schedule.split("-")[0],
                          lr_scheduler_kwargs=str(kwargs).replace("'", '"'), learning_rate=LR,
-                         warmup_steps=WARMUP, max_steps=STEPS, max_train_samples=64)
-    logged = step_logs(run_engine(args)[1], "learning_rate")
-    assert logged == pytest.approx(expected_rates(formula), rel=1e-6, abs=1e-12)
+                         warmup_steps=WARMUP, max_steps=STEPS, max_train_samples=16, per_device_train_batch_size=4)
+    history = run_engine(args)[1]
+    assert step_logs(history, "learning_rate") == pytest.approx(expected_rates(formula), rel=1e-6, abs=1e-12)
+    losses = step_logs(history, "loss")  # and the 16 examples are learned: the last epoch beats the first
+    assert sum(losses[-PER_EPOCH:]) < sum(losses[:PER_EPOCH]) - 0.05 * PER_EPOCH, losses
 
 
 @pytest.mark.parametrize("engine", ["trainer", "accelerate"])
@@ -62,6 +64,7 @@ def test_reduce_on_plateau_warms_up_then_halves_after_each_flat_evaluation(engin
 
 def test_warmup_ratio_is_a_fraction_of_the_training_steps(tiny_bert, tweets_csv, tmp_path):
     args = strategy_args(tiny_bert, tmp_path / "out", *tweets_csv, lr_scheduler_type="linear", learning_rate=LR,
-                         warmup_ratio=WARMUP / STEPS, max_steps=STEPS, max_train_samples=64)
+                         warmup_ratio=WARMUP / STEPS, max_steps=STEPS, max_train_samples=16,
+                         per_device_train_batch_size=4)
     logged = step_logs(run_engine(args)[1], "learning_rate")
     assert logged == pytest.approx(expected_rates(SCHEDULES["linear"][1]), rel=1e-6, abs=1e-12)
