@@ -6,7 +6,7 @@ import logging
 from transformers import Trainer, TrainerCallback
 
 from hftune.optim import (
-    WarmupReduceLROnPlateau, build_optimizer, build_scheduler, describe_strategy, no_decay_parameter_names,
+    WarmupReduceLROnPlateau, build_optimizer, build_scheduler, decay_parameter_names, describe_strategy,
     optimizer_spec, updates_per_epoch,
 )
 from hftune.regularization import clip_grad_value_, early_stopping_callback, penalties_for
@@ -45,8 +45,7 @@ class HftuneTrainer(Trainer):
             self.add_callback(stopper)
 
     def get_decay_parameter_names(self, model):
-        skip = no_decay_parameter_names(model)
-        return [name for name, _ in model.named_parameters() if name not in skip]
+        return decay_parameter_names(model)  # Trainer's own misses BatchNorm and other norms by type
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
