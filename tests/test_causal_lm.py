@@ -190,3 +190,23 @@ def test_perplexity_in_every_evaluation_and_as_best_model_metric(tmp_path, tiny_
     assert state["best_metric"] == pytest.approx(min(during))
     results = json.loads(open(f"{out}/all_results.json").read())
     assert results["eval_samples"] == 10  # max_eval_samples counts blocks, as in run_clm.py
+
+
+def test_engines_agree_on_a_causal_lm(tmp_path, tiny_llama, tweet_jsonl):
+    """Packed blocks hold equal token counts, so Trainer's token weighting and the accelerate
+    engine's micro-batch means coincide: same losses, perplexity and learning rates."""
+    results = {}
+    for engine in ("trainer", "accelerate"):
+        (tmp_path / engine).mkdir()
+        recipe, out = write_recipe(tmp_path / engine, tiny_llama, *tweet_jsonl, engine=engine, block_size=32,
+                                   gradient_accumulation_steps=2, per_device_train_batch_size=4, max_steps=8,
+                                   eval_strategy="steps", eval_steps=4, max_eval_samples=16)
+        main(["--config", recipe])
+        history = json.loads(open(f"{out}/trainer_state.json").read())["log_history"]
+        steps = [e for e in history if "loss" in e]
+        results[engine] = ([e["loss"] for e in steps], [e["learning_rate"] for e in steps],
+                           [e["eval_perplexity"] for e in history if "eval_perplexity" in e])
+    (t_loss, t_lr, t_ppl), (a_loss, a_lr, a_ppl) = results["trainer"], results["accelerate"]
+    assert len(t_loss) == 8 and len(t_ppl) == 2  # evaluations at steps 4 and 8
+    assert t_loss == pytest.approx(a_loss, abs=1e-4) and t_lr == a_lr
+    assert t_ppl == pytest.approx(a_ppl, rel=1e-4)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_engine, step_logs, strategy_args
+from conftest import read_json, run_engine, step_logs, strategy_args
 
 STRATEGIES = {
     "defaults": {},
@@ -73,3 +73,16 @@ def test_train_loss_counts_the_steps_after_the_last_log_line(tiny_bert, tweets_c
                                                     max_steps=12, logging_steps=5))
         train_loss[engine] = history[-1]["train_loss"]
     assert train_loss["trainer"] == pytest.approx(train_loss["accelerate"], abs=1e-5)
+
+
+def test_evaluate_and_predict_without_training_agree(tiny_bert, tweets_csv, tmp_path):
+    train, validation = tweets_csv
+    run_engine(strategy_args(tiny_bert, tmp_path / "trained", *tweets_csv, max_steps=4))
+    results = {}
+    for engine in ("trainer", "accelerate"):
+        out = tmp_path / engine
+        run_engine(strategy_args(str(tmp_path / "trained"), out, train, validation, engine=engine,
+                                 do_train="false", do_eval="true", do_predict="true", test_file=validation))
+        results[engine] = read_json(out / "all_results.json")
+    for key in ("eval_loss", "eval_accuracy", "test_loss", "test_accuracy", "test_f1_macro"):
+        assert results["trainer"][key] == pytest.approx(results["accelerate"][key], abs=1e-6), key
