@@ -65,3 +65,20 @@ def test_two_process_ddp_image_loss_is_not_scaled_by_world_size(tiny_resnet, dig
                                     "--per_device_train_batch_size", "8"], tmp_path)
     one, two = logged_losses(tmp_path / "one")[0], logged_losses(tmp_path / "two")[0]
     assert 0.8 < two / one < 1.25, (one, two)
+
+
+def test_two_process_lbfgs_takes_the_same_steps_as_one_process(tiny_bert, tweets_csv, tmp_path):
+    """The closure's loss is averaged over ranks, so both ranks run the same line search."""
+    train, validation = tweets_csv
+    common = ["--model_name_or_path", tiny_bert, "--train_file", str(train), "--validation_file", str(validation),
+              "--label_column", "sentiment", "--report_to", "none", "--max_seq_length", "32", "--max_steps", "3",
+              "--logging_steps", "1", "--disable_tqdm", "true", "--seed", "7", "--train_sampling_strategy",
+              "sequential", "--engine", "accelerate", "--optim", "lbfgs", "--optim_args", "max_iter=4",
+              "--learning_rate", "0.5", "--max_grad_norm", "0", "--weight_decay", "0", "--do_eval", "false"]
+    launch("single_device.yaml", 1, common + ["--output_dir", str(tmp_path / "one"),
+                                              "--per_device_train_batch_size", "16"], tmp_path)
+    launch("ddp.yaml", 2, common + ["--output_dir", str(tmp_path / "two"),
+                                    "--per_device_train_batch_size", "8"], tmp_path)
+    one, two = logged_losses(tmp_path / "one"), logged_losses(tmp_path / "two")
+    assert len(one) == len(two) == 3
+    assert one == pytest.approx(two, abs=1e-3)
