@@ -18,7 +18,9 @@ import torch
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
+from hftune.engines import check_training_strategy
 from hftune.errors import HftuneError, closest
+from hftune.optim import HF_OPTIMIZERS, HF_SCHEDULES, check_optimizer_name
 from hftune.tasks import get_task
 
 DEFAULT_RECIPE = "text_classification"
@@ -153,9 +155,6 @@ class HftuneTrainingArguments(TrainingArguments):
     freeze_bn_affine: bool = field(default=False, metadata={"help": "Freeze BatchNorm scale and shift."})
 
     def __post_init__(self):
-        from hftune.engines import check_training_strategy  # engines import this module's users
-        from hftune.optim import HF_OPTIMIZERS, HF_SCHEDULES, check_optimizer_name
-
         check_optimizer_name(self.optim)
         check_training_strategy(self)  # before TrainingArguments' own checks, which need DeepSpeed installed
         optim, schedule = self.optim, self.lr_scheduler_type
