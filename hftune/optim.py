@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 import yaml
 from torch.optim.lr_scheduler import LambdaLR, ReduceLROnPlateau
-from transformers import Trainer, get_scheduler
+from transformers import SchedulerType, Trainer, get_scheduler
 from transformers.optimization import (
     get_constant_schedule_with_warmup,
     get_cosine_with_hard_restarts_schedule_with_warmup,
@@ -239,8 +239,7 @@ SCHEDULES = {
     ),
 }
 # TrainingArguments' names that hftune's registry does not cover; built by transformers.get_scheduler.
-HF_SCHEDULES = ("constant_with_warmup", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "inverse_sqrt",
-                "reduce_lr_on_plateau", "warmup_stable_decay", "greedy")
+HF_SCHEDULES = tuple(s.value for s in SchedulerType if s.value not in SCHEDULES)
 
 
 def check_schedule(name, kwargs):
