@@ -41,14 +41,14 @@ class Penalties:
     def add_to(self, loss, scale=1.0):
         """loss + scale * penalties; the values are remembered for the next log line."""
         terms = self.terms()
-        for name, value in terms.items():
-            self._sums[name] = self._sums.get(name, 0.0) + value.item()
+        for name, value in terms.items():  # kept as tensors: no device sync on the training path
+            self._sums[name] = self._sums.get(name, 0.0) + value.detach()
         self._count += bool(terms)
         return loss + scale * sum(terms.values()) if terms else loss
 
     def pop_means(self):
         """Mean of each penalty since the last call (one log line's worth)."""
-        means = {name: total / self._count for name, total in self._sums.items()} if self._count else {}
+        means = {name: float(total) / self._count for name, total in self._sums.items()} if self._count else {}
         self._sums, self._count = {}, 0
         return means
 

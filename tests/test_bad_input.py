@@ -162,6 +162,8 @@ STRATEGY_ERRORS = {
                                 ["gradient_accumulation_steps > 1"]),
     "gd with accumulation": (["--optim", "gd", "--gradient_accumulation_steps", "4"], ["drop gradient_accumulation_steps"]),
     "unknown engine": (["--engine", "deepspeed"], ["unknown engine 'deepspeed'", "'accelerate'"]),
+    "greedy schedule on accelerate": (["--engine", "accelerate", "--lr_scheduler_type", "greedy",
+                                       "--eval_strategy", "steps"], ["greedy needs engine: trainer"]),
     "trainer-only feature on accelerate": (["--engine", "accelerate", "--torch_compile", "true"],
                                            ["torch_compile is implemented by Trainer's loop only"]),
     "both warmups": (["--warmup_steps", "10", "--warmup_ratio", "0.1"], ["warmup_steps or warmup_ratio"]),
@@ -184,10 +186,20 @@ def test_bad_strategy_is_one_line_before_training(case, capsys, base, tmp_path):
     assert not (tmp_path / "out" / "trainer_state.json").exists()
 
 
-def test_clip_by_value_under_deepspeed_is_refused(capsys, base, monkeypatch):
-    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what `accelerate launch` with a DeepSpeed config sets
-    line = fail(capsys, base + ["--max_grad_value", "0.5"])
-    assert "max_grad_value cannot be honoured under DeepSpeed" in line
+DEEPSPEED_ERRORS = {
+    "clip by value": (["--max_grad_value", "0.5"], "max_grad_value cannot be honoured under DeepSpeed"),
+    "p-norm": (["--max_grad_norm_type", "1"], "DeepSpeed's gradient_clipping is a 2-norm"),
+    "penalty under ZeRO-3": (["--l1_lambda", "0.1"], "FSDP and ZeRO-3 shard them"),
+}
+
+
+@pytest.mark.parametrize("case", DEEPSPEED_ERRORS)
+def test_what_deepspeed_cannot_honour_is_refused(case, capsys, base, monkeypatch):
+    # what `accelerate launch` with a DeepSpeed ZeRO-3 config sets
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    flags, fragment = DEEPSPEED_ERRORS[case]
+    assert fragment in fail(capsys, base + flags)
 
 
 def test_dropout_the_model_family_does_not_have(capsys, tiny_resnet, digit_folders, tmp_path):
