@@ -153,6 +153,12 @@ class HftuneTrainingArguments(TrainingArguments):
         default=False, metadata={"help": "Keep BatchNorm running statistics as pretrained (CNN fine-tuning)."}
     )
     freeze_bn_affine: bool = field(default=False, metadata={"help": "Freeze BatchNorm scale and shift."})
+    skip_nonfinite_steps: bool = field(
+        default=True, metadata={"help": "Skip the update of a step whose gradient is NaN/inf (false: stop there)."}
+    )
+    max_nonfinite_steps: int = field(
+        default=3, metadata={"help": "Stop after this many non-finite steps in a row (0 turns the guard off)."}
+    )
 
     def __post_init__(self):
         check_optimizer_name(self.optim)

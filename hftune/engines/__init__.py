@@ -81,7 +81,7 @@ def check_training_strategy(args):
     check_strategy(args)
     if args.engine == "accelerate":
         _check_accelerate_engine(args)
-    for name in ("l1_lambda", "l2_lambda", "early_stopping_threshold"):
+    for name in ("l1_lambda", "l2_lambda", "early_stopping_threshold", "max_nonfinite_steps"):
         if getattr(args, name) < 0:
             raise HftuneError(f"{name} must be >= 0, got {getattr(args, name)}.")
     if args.max_grad_value is not None and args.max_grad_value <= 0:

@@ -34,6 +34,7 @@ from transformers.trainer_callback import (
 from transformers.trainer_pt_utils import LabelSmoother, LengthGroupedSampler, log_metrics, save_metrics, save_state
 from transformers.trainer_utils import EvalPrediction, TrainOutput, seed_worker, speed_metrics
 
+from hftune.guards import guard_for
 from hftune.optim import (
     WarmupReduceLROnPlateau, build_optimizer, build_scheduler, describe_strategy, optimizer_spec,
 )
@@ -76,6 +77,7 @@ class AccelerateEngine:
         self.is_causal = type(self.model).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
         self.label_smoother = LabelSmoother(args.label_smoothing_factor) if args.label_smoothing_factor else None
         self.penalties = penalties_for(self.model, args)
+        self.guard = guard_for(args, self.accelerator)
         self.optimizer = self.lr_scheduler = None
         self.state, self.control = self._new_state(), TrainerControl()
         callbacks = [DefaultFlowCallback, *get_reporting_integration_callbacks(args.report_to),
@@ -177,6 +179,8 @@ class AccelerateEngine:
             self._grad_norm = self.accelerator.clip_grad_norm_(params, args.max_grad_norm, args.max_grad_norm_type)
         else:  # the norm is logged either way, as Trainer does
             self._grad_norm = self.accelerator.clip_grad_norm_(params, float("inf"))
+        if self.guard is not None:  # a skipped update leaves no gradient, so optimizer.step() passes over it
+            self.guard.check(self.model.parameters(), self.state.global_step + 1)
         clip_grad_value_(self.model.parameters(), args.max_grad_value)  # gradients are unscaled by now
         self.callback_handler.on_pre_optimizer_step(args, self.state, self.control)
         self.optimizer.step()

@@ -5,6 +5,7 @@ import logging
 
 from transformers import Trainer, TrainerCallback
 
+from hftune.guards import guard_for
 from hftune.optim import (
     WarmupReduceLROnPlateau, build_optimizer, build_scheduler, decay_parameter_names, describe_strategy,
     optimizer_spec, updates_per_epoch,
@@ -15,14 +16,16 @@ logger = logging.getLogger("hftune")
 
 
 class StrategyCallback(TrainerCallback):
-    """What Trainer's loop has no hook for: clipping by value once per optimizer step (after
-    Trainer's norm clipping, which has already unscaled AMP gradients), and warmup for
-    reduce_on_plateau, which Trainer only steps after evaluations."""
+    """What Trainer's loop has no hook for: the non-finite guard and clipping by value, once per
+    optimizer step (after Trainer's norm clipping, which has already unscaled AMP gradients), and
+    warmup for reduce_on_plateau, which Trainer only steps after evaluations."""
 
-    def __init__(self, accelerator, max_grad_value):
-        self.accelerator, self.max_grad_value = accelerator, max_grad_value
+    def __init__(self, accelerator, max_grad_value, guard):
+        self.accelerator, self.max_grad_value, self.guard = accelerator, max_grad_value, guard
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if self.guard is not None:
+            self.guard.check(model.parameters(), state.global_step + 1)
         clip_grad_value_(model.parameters(), self.max_grad_value)
 
     def on_step_end(self, args, state, control, lr_scheduler=None, **kwargs):
@@ -39,7 +42,8 @@ class HftuneTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.derived_metrics = derived_metrics
         self.penalties = penalties_for(self.model, self.args)
-        self.add_callback(StrategyCallback(self.accelerator, self.args.max_grad_value))
+        guard = guard_for(self.args, self.accelerator)
+        self.add_callback(StrategyCallback(self.accelerator, self.args.max_grad_value, guard))
         stopper = early_stopping_callback(self.args)
         if stopper is not None:
             self.add_callback(stopper)
