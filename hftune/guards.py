@@ -29,11 +29,14 @@ class NonFiniteGuard:
     def __init__(self, skip, max_consecutive):
         self.skip, self.max_consecutive, self.bad_in_a_row = skip, max_consecutive, 0
 
-    def check(self, parameters, step):
+    def check(self, parameters, step, total_norm=None):
         """True when the gradient is non-finite and this update must be skipped; raises once
-        the run should stop. `step` is the 1-based number of the optimizer step being taken."""
+        the run should stop. `step` is the 1-based number of the optimizer step being taken;
+        `total_norm`, when the caller has it already, saves a pass over the gradients."""
         params = [p for p in parameters if p.grad is not None]
-        if not params or torch.isfinite(get_total_norm([p.grad for p in params])):
+        if total_norm is None and params:
+            total_norm = get_total_norm([p.grad for p in params])
+        if not params or torch.isfinite(torch.as_tensor(total_norm)):
             self.bad_in_a_row = 0
             return False
         self.bad_in_a_row += 1

@@ -105,6 +105,12 @@ def logged_losses(output_dir):
     return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
 
 
+def cli_flags(defaults, overrides):
+    """`--key=value` flags from defaults updated by overrides; an override of None drops the key."""
+    settings = {**defaults, **overrides}
+    return [f"--{key}={value}" for key, value in settings.items() if value is not None]
+
+
 def strategy_args(model, out, train, validation, **overrides):
     """CLI args for a short, logged-every-step run on the tiny BERT; overrides win."""
     settings = dict(
@@ -113,10 +119,9 @@ def strategy_args(model, out, train, validation, **overrides):
         per_device_train_batch_size=16, learning_rate=3e-3, max_steps=12, logging_steps=1,
         train_sampling_strategy="random", eval_strategy="no", save_strategy="no", do_eval="false",
     )
-    settings.update(overrides)
-    if "warmup_ratio" not in settings:
-        settings.setdefault("warmup_steps", 0)
-    return [f"--{key}={value}" for key, value in settings.items()]
+    if "warmup_ratio" not in overrides:
+        settings["warmup_steps"] = 0
+    return cli_flags(settings, overrides)
 
 
 def run_engine(args, callbacks=()):

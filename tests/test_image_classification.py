@@ -11,7 +11,7 @@ from datasets import Dataset, DatasetDict
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-from conftest import CLASSES, SIZE, logged_losses, read_json
+from conftest import CLASSES, SIZE, cli_flags, logged_losses, read_json
 from hftune import assets
 from hftune.config import DataArguments, ModelArguments
 from hftune.errors import HftuneError
@@ -33,12 +33,9 @@ def png_bytes(image):
 
 
 def run_args(model, out, **extra):
-    args = ["--config", "image_classification", "--model_name_or_path", model, "--output_dir", str(out),
-            "--report_to", "none", "--logging_steps", "1", "--per_device_train_batch_size", "16",
-            "--learning_rate", "5e-3", "--warmup_steps", "0", "--disable_tqdm", "true"]
-    for key, value in extra.items():
-        args += [f"--{key}", str(value)]
-    return args
+    return cli_flags(dict(config="image_classification", model_name_or_path=model, output_dir=out,
+                          report_to="none", logging_steps=1, per_device_train_batch_size=16, learning_rate=5e-3,
+                          warmup_steps=0, disable_tqdm="true"), extra)
 
 
 def test_image_folder_train_save_and_reload(tiny_resnet, digit_folders, tmp_path):

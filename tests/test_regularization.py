@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, TrainerCallback
 
-from conftest import run_engine, step_logs, strategy_args
+from conftest import cli_flags, run_engine, step_logs, strategy_args
 from hftune.regularization import Penalties
 
 ENGINES = ["trainer", "accelerate"]
@@ -88,11 +88,9 @@ def test_early_stopping_stops_after_patience_flat_evaluations(engine, tiny_bert,
 
 def image_args(model, folders, out, **extra):
     train, validation = folders
-    settings = dict(config="image_classification", model_name_or_path=model, output_dir=out, train_file=train,
-                    validation_file=validation, report_to="none", disable_tqdm="true", max_steps=5,
-                    per_device_train_batch_size=16, learning_rate=5e-3, warmup_steps=0, do_eval="false")
-    settings.update(extra)
-    return [f"--{key}={value}" for key, value in settings.items()]
+    return cli_flags(dict(config="image_classification", model_name_or_path=model, output_dir=out, train_file=train,
+                          validation_file=validation, report_to="none", disable_tqdm="true", max_steps=5,
+                          per_device_train_batch_size=16, learning_rate=5e-3, warmup_steps=0, do_eval="false"), extra)
 
 
 def bn_tensors(path, suffix):

@@ -4,7 +4,7 @@
 import pandas as pd
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from conftest import logged_losses, read_json
+from conftest import cli_flags, logged_losses, read_json
 from hftune.config import DataArguments, ModelArguments, parse_config
 from hftune.data import load_raw_datasets
 from hftune.run import main
@@ -17,13 +17,9 @@ OUTPUT_FILES = [
 
 
 def run_args(model, out, **extra):
-    args = ["--model_name_or_path", model, "--output_dir", str(out), "--report_to", "none",
-            "--learning_rate", "3e-3", "--num_train_epochs", "4", "--per_device_train_batch_size", "16",
-            "--disable_tqdm", "true",
-            "--logging_steps", "1", "--max_seq_length", "48", "--warmup_steps", "0"]
-    for key, value in extra.items():
-        args += [f"--{key}", str(value)]
-    return args
+    return cli_flags(dict(model_name_or_path=model, output_dir=out, report_to="none", learning_rate=3e-3,
+                          num_train_epochs=4, per_device_train_batch_size=16, disable_tqdm="true",
+                          logging_steps=1, max_seq_length=48, warmup_steps=0), extra)
 
 
 def test_string_labels_train_save_and_reload(tiny_bert, tweets_csv, tmp_path):
@@ -52,19 +48,14 @@ def test_resolved_config_reproduces_the_run(tiny_bert, tweets_csv, tmp_path):
     out = tmp_path / "out"
     argv = run_args(tiny_bert, out, train_file=train, validation_file=validation, label_column="sentiment",
                     max_steps=2, optim="sgd", optim_args="momentum=0.9", lr_scheduler_type="step",
-                    lr_scheduler_kwargs='{"step_size": 1}', warmup_ratio=0.5, l2_lambda=0.01)
-    main(_without(argv, "--warmup_steps"))
+                    lr_scheduler_kwargs='{"step_size": 1}', warmup_steps=None, warmup_ratio=0.5, l2_lambda=0.01)
+    main(argv)
     model_args, data_args, args = parse_config(["--config", str(out / "hftune_config.yaml")])
     assert (args.max_steps, args.learning_rate, data_args.label_column) == (2, 3e-3, "sentiment")
     assert model_args.model_name_or_path == tiny_bert and data_args.train_file == str(train)
     assert (args.optim, args.optim_args, args.lr_scheduler_type) == ("sgd", "momentum=0.9", "step")
     assert (args.lr_scheduler_kwargs, args.warmup_ratio, args.l2_lambda) == ({"step_size": 1}, 0.5, 0.01)
 
-
-def _without(argv, flag):
-    """argv minus `flag` and its value."""
-    i = argv.index(flag)
-    return argv[:i] + argv[i + 2:]
 
 
 def test_text_pairs_with_integer_labels(tiny_bert, tweets, tmp_path):

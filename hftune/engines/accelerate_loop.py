@@ -78,6 +78,7 @@ class AccelerateEngine:
         self.label_smoother = LabelSmoother(args.label_smoothing_factor) if args.label_smoothing_factor else None
         self.penalties = penalties_for(self.model, args)
         self.guard = guard_for(args, self.accelerator)
+        self.needs_closure = getattr(optimizer_spec(args), "needs_closure", False)
         self.optimizer = self.lr_scheduler = None
         self.state, self.control = self._new_state(), TrainerControl()
         callbacks = [DefaultFlowCallback, *get_reporting_integration_callbacks(args.report_to),
@@ -180,14 +181,14 @@ class AccelerateEngine:
         else:  # the norm is logged either way, as Trainer does
             self._grad_norm = self.accelerator.clip_grad_norm_(params, float("inf"))
         if self.guard is not None:  # a skipped update leaves no gradient, so optimizer.step() passes over it
-            self.guard.check(self.model.parameters(), self.state.global_step + 1)
+            self.guard.check(self.model.parameters(), self.state.global_step + 1, self._grad_norm)
         clip_grad_value_(self.model.parameters(), args.max_grad_value)  # gradients are unscaled by now
         self.callback_handler.on_pre_optimizer_step(args, self.state, self.control)
         self.optimizer.step()
 
     def _update(self, micro_batches):
         self.model.train()
-        if optimizer_spec(self.args) is not None and optimizer_spec(self.args).needs_closure:
+        if self.needs_closure:
             self._closure_step(micro_batches[0])
         else:
             self._gradient_step(micro_batches)
