@@ -111,7 +111,21 @@ class HftuneTrainingArguments(TrainingArguments):
     )
     engine: str = field(
         default="trainer",
-        metadata={"help": "trainer (HF Trainer) or accelerate (a plain Accelerate loop; needed for lbfgs)."},
+        metadata={"help": "trainer (HF Trainer), accelerate (a plain Accelerate loop; needed for lbfgs) or "
+                          "pipeline (DeepSpeed pipeline parallelism; launch with accelerate_configs/deepspeed_pipeline.yaml)."},
+    )
+    pipeline_stages: int = field(
+        default=None,
+        metadata={"help": "engine: pipeline: number of pipeline stages (default: the DeepSpeed config's, else all "
+                          "processes); the remaining factor of the world size is data parallelism."},
+    )
+    ddp_comm_hook: str = field(
+        default=None,
+        metadata={"help": "Compress DDP gradient communication: fp16, bf16 (NCCL only) or powersgd."},
+    )
+    powersgd_rank: int = field(default=1, metadata={"help": "ddp_comm_hook powersgd: rank of the low-rank approximation."})
+    powersgd_start_iter: int = field(
+        default=1000, metadata={"help": "ddp_comm_hook powersgd: plain all-reduce until this iteration (warm start)."}
     )
     # Declared as plain strings so hftune's own names (gd, lbfgs, exponential, ...) parse; TrainingArguments'
     # enum values keep working.

@@ -138,6 +138,11 @@ def finish(trainer, bundle, training_args, metrics):
 
 
 def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["plan"]:  # `hftune plan --config recipe.yaml [--config_file accelerate_configs/X.yaml]`
+        from hftune.plan import main as plan
+
+        return plan(argv[1:])
     try:
         model_args, data_args, training_args = parse_config(argv)
         trainer, bundle, checkpoint = setup(model_args, data_args, training_args)

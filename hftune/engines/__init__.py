@@ -13,7 +13,7 @@ from hftune.regularization import apply_batchnorm_policy
 
 logger = logging.getLogger("hftune")
 
-ENGINES = ("trainer", "accelerate")
+ENGINES = ("trainer", "accelerate", "pipeline")
 
 
 def uses_deepspeed(args):
@@ -147,6 +147,10 @@ def build_engine(bundle, args, checkpoint=None):
         from hftune.engines.accelerate_loop import AccelerateEngine
 
         return AccelerateEngine(bundle, args)
+    if args.engine == "pipeline":
+        from hftune.engines.pipeline import PipelineEngine
+
+        return PipelineEngine(bundle, args)
     from hftune.engines.trainer import build_trainer
 
     return build_trainer(bundle, args)
