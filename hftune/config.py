@@ -97,6 +97,11 @@ class DataArguments:
         metadata={"help": "Percent of train held out for validation when no validation split is given."},
     )
     preprocessing_num_workers: int = field(default=None, metadata={"help": "Processes used by datasets.map."})
+    streaming: bool = field(
+        default=False,
+        metadata={"help": "Read the training data as a stream (datasets IterableDataset) instead of loading it; "
+                          "needs max_steps. Each process reads its own rows."},
+    )
 
 
 @dataclass
