@@ -7,6 +7,7 @@ all-MiniLM-L6-v2 fine-tuned on the tweet-sentiment corpus, fully offline.
 import logging
 import os
 import sys
+from contextlib import nullcontext
 
 if __package__ in (None, ""):  # `accelerate launch hftune/run.py` runs this file as a script
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -14,6 +15,7 @@ if __package__ in (None, ""):  # `accelerate launch hftune/run.py` runs this fil
 import datasets
 import transformers
 from transformers import set_seed
+from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import get_last_checkpoint
 
 from hftune.assets import is_asset
@@ -85,8 +87,11 @@ def setup(model_args, data_args, training_args):
     checkpoint = resolve_checkpoint(training_args)
     check_output_dir(training_args, checkpoint)
     set_seed(training_args.seed)  # before the model is built: a new head's init depends on it
-    with training_args.main_process_first(desc="loading and preprocessing"):
+    with training_args.main_process_first(desc="loading data"):
         raw = load_raw_datasets(data_args, training_args.seed, model_args.cache_dir, keep_test=training_args.do_predict)
+    # ZeRO-3 partitions the model while it loads: a collective step every process must join at once.
+    together = is_deepspeed_zero3_enabled()
+    with nullcontext() if together else training_args.main_process_first(desc="loading model, preprocessing"):
         try:
             bundle = task.build(model_args, data_args, raw)
         except OSError as err:  # what from_pretrained raises for a missing folder or Hub id
