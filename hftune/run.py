@@ -23,6 +23,7 @@ from hftune.config import parse_config, save_resolved_config
 from hftune.data import load_raw_datasets
 from hftune.engines import build_engine
 from hftune.errors import HftuneError
+from hftune.launch import check_world_size
 from hftune.tasks import get_task
 
 logger = logging.getLogger("hftune")
@@ -82,6 +83,7 @@ def check_inputs(model_args, data_args, training_args):
 
 def setup(model_args, data_args, training_args):
     setup_logging(training_args)
+    check_world_size(training_args)
     check_inputs(model_args, data_args, training_args)
     task = get_task(data_args.task)
     checkpoint = resolve_checkpoint(training_args)

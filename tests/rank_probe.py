@@ -3,7 +3,8 @@ and records what each process really saw, in $HFTUNE_PROBE_DIR/rank<R>.json:
   world_size  torch.distributed's world size (1 when the launch silently ran independent jobs),
   rows        a fingerprint of every example the process collated (run without evaluation, so
               these are training rows),
-  ds_tensor / ds_numel  under ZeRO-3, the parameter elements this process holds / the full count.
+  ds_tensor / ds_numel  under ZeRO-3, the parameter elements this process holds / the full count,
+  local_numel / full_numel  the same under FSDP2.
 """
 
 import hashlib
@@ -27,9 +28,12 @@ def row_fingerprint(example):
 
 def record_partitioning(model):
     params = list(model.parameters())
-    if params and hasattr(params[0], "ds_tensor"):
+    if params and hasattr(params[0], "ds_tensor"):  # DeepSpeed ZeRO-3
         seen["ds_tensor"] = sum(p.ds_tensor.numel() for p in params)
         seen["ds_numel"] = sum(p.ds_numel for p in params)
+    if params and hasattr(params[0], "to_local"):  # FSDP2: parameters are sharded DTensors
+        seen["local_numel"] = sum(p.to_local().numel() for p in params)
+        seen["full_numel"] = sum(p.numel() for p in params)
 
 
 def probing(build):

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from hftune.errors import HftuneError
+from hftune.launch import check_launch_config
 from hftune.optim import check_strategy, name_of, optimizer_spec, updates_per_epoch
 from hftune.regularization import apply_batchnorm_policy
 
@@ -79,6 +80,7 @@ def check_training_strategy(args):
     if args.engine not in ENGINES:
         raise HftuneError(f"unknown engine '{args.engine}'; choose one of {list(ENGINES)}.")
     check_strategy(args)
+    check_launch_config(args)
     if args.engine == "accelerate":
         _check_accelerate_engine(args)
     for name in ("l1_lambda", "l2_lambda", "early_stopping_threshold", "max_nonfinite_steps"):

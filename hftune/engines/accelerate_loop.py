@@ -38,6 +38,7 @@ from hftune.guards import guard_for
 from hftune.optim import (
     WarmupReduceLROnPlateau, build_optimizer, build_scheduler, describe_strategy, optimizer_spec,
 )
+from hftune.launch import ddp_comm_kwargs
 from hftune.regularization import clip_grad_value_, early_stopping_callback, penalties_for
 
 logger = logging.getLogger("hftune")
@@ -59,6 +60,7 @@ def make_accelerator(args, is_hf_model=True):
     for name in ("bucket_cap_mb", "broadcast_buffers", "static_graph"):
         if getattr(args, f"ddp_{name}") is not None:
             ddp[name] = getattr(args, f"ddp_{name}")
+    ddp.update(ddp_comm_kwargs(args))
     return Accelerator(cpu=args.use_cpu, mixed_precision=args.mixed_precision, dataloader_config=dataloader_config,
                        kwargs_handlers=[DistributedDataParallelKwargs(**ddp)])
 

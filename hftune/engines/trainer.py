@@ -1,11 +1,13 @@
 """The default engine: Hugging Face Trainer over a TaskBundle, with hftune's optimizer and schedule
 registries, p-norm and by-value clipping, loss penalties and early stopping."""
 
+import dataclasses
 import logging
 
 from transformers import Trainer, TrainerCallback
 
 from hftune.guards import guard_for
+from hftune.launch import ddp_comm_kwargs
 from hftune.optim import (
     WarmupReduceLROnPlateau, build_optimizer, build_scheduler, decay_parameter_names, describe_strategy,
     optimizer_spec, updates_per_epoch,
@@ -68,6 +70,13 @@ class HftuneTrainer(Trainer):
             self.lr_scheduler = build_scheduler(optimizer or self.optimizer, self.args, num_training_steps, per_epoch)
             self._created_lr_scheduler = True
         return self.lr_scheduler
+
+    def _build_accelerator_args(self, **kwargs):
+        args = super()._build_accelerator_args(**kwargs)
+        compression = ddp_comm_kwargs(self.args)  # gradient compression: accelerate registers the DDP comm hook
+        if compression:
+            args["kwargs_handlers"] = [dataclasses.replace(args["kwargs_handlers"][0], **compression)]
+        return args
 
     def _clip_grad_norm(self, model):
         # Trainer clips with the 2-norm; max_grad_norm_type picks p. DeepSpeed (always p=2) clips itself.

@@ -1,0 +1,634 @@
+"""The `pipeline` engine: DeepSpeed pipeline parallelism. The task's pretrained model is cut into a
+sequence of layers (embedding, each transformer block, final norm, head), DeepSpeed's
+PipelineModule places consecutive layers on `pipeline_stages` processes, and `train_batch()` runs
+`gradient_accumulation_steps` micro-batches of `per_device_train_batch_size` through them. With more
+processes than stages the rest is data parallelism (4 processes, 2 stages: 2 replicas).
+
+    accelerate launch --config_file accelerate_configs/deepspeed_pipeline.yaml hftune/run.py \\
+        --config causal_lm --engine pipeline
+
+Supported models: see FAMILIES (Llama and GPT-2 causal LMs, BERT sequence classifiers). The layers
+wrap the loaded HF modules, so the pretrained weights are the ones trained, and `save_model` writes
+a normal HF checkpoint. A model whose input and output embeddings are tied keeps them tied across
+stages (DeepSpeed TiedLayerSpec: the first and last stage hold the embedding and sum its gradients).
+The optimizer and schedule come from hftune's registries, as in the other engines.
+Differences from Trainer: an optimizer step always takes `gradient_accumulation_steps` full
+micro-batches, so an epoch's last partial micro-batch and partial accumulation are dropped; each
+micro-batch's mean loss counts equally; every data-parallel replica evaluates the whole
+evaluation set (exact, simple; training is what runs in parallel); checkpoints hold DeepSpeed's
+per-stage state in `pipeline_state/` beside the HF weights.
+"""
+
+import copy
+import glob
+import json
+import logging
+import math
+import os
+import shutil
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, SequentialSampler
+from transformers import default_data_collator, set_seed
+from transformers.integrations import get_reporting_integration_callbacks
+from transformers.loss.loss_utils import ForCausalLMLoss, ForSequenceClassificationLoss
+from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
+from transformers.trainer_callback import (
+    CallbackHandler, DefaultFlowCallback, PrinterCallback, ProgressCallback, TrainerControl, TrainerState,
+)
+from transformers.trainer_pt_utils import log_metrics, save_metrics, save_state
+from transformers.trainer_utils import EvalPrediction, TrainOutput, speed_metrics
+
+from hftune.engines import TRAINER_ONLY, UNSET
+from hftune.errors import HftuneError
+from hftune.optim import SCHEDULES, build_optimizer, build_scheduler, describe_strategy, name_of
+
+logger = logging.getLogger("hftune")
+STATE_DIR = "pipeline_state"  # DeepSpeed's checkpoint tag inside checkpoint-N
+TIED = "tied_embedding"  # TiedLayerSpec key of a tied input/output embedding
+
+
+# ---- layers: each takes and returns what crosses a stage boundary (tensors only) ----
+
+
+class Embedding(nn.Module):
+    """(input_ids, *rest) -> (embeddings, *rest); wraps the model's own nn.Embedding."""
+
+    def __init__(self, embedding):
+        super().__init__()
+        self.embedding = embedding
+
+    def forward(self, inputs):
+        return (self.embedding(inputs[0]), *inputs[1:])
+
+
+def tied_head(embedding_layer, hidden):
+    """The output projection of a tied model: the input embedding's weight, on the last stage."""
+    return F.linear(hidden, embedding_layer.embedding.weight)
+
+
+class Head(nn.Module):
+    def __init__(self, head):
+        super().__init__()
+        self.head = head
+
+    def forward(self, hidden):
+        return self.head(hidden)
+
+
+class FinalNorm(nn.Module):
+    """(hidden, mask) -> hidden: the mask is not needed past the last block."""
+
+    def __init__(self, norm):
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, inputs):
+        return self.norm(inputs[0])
+
+
+def _positions(hidden):
+    return torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+
+
+class LlamaBlock(nn.Module):
+    """A decoder layer; the causal mask and rotary embeddings are rebuilt from the 2-D mask on each
+    stage, as LlamaModel.forward builds them once."""
+
+    def __init__(self, layer, rotary, config):
+        super().__init__()
+        self.layer, self.rotary, self.config = layer, rotary, config
+
+    def forward(self, inputs):
+        hidden, mask = inputs
+        positions = _positions(hidden)
+        causal = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=mask,
+                                    past_key_values=None, position_ids=positions)
+        rotary = self.rotary(hidden, position_ids=positions)
+        return self.layer(hidden, attention_mask=causal, position_ids=positions, position_embeddings=rotary), mask
+
+
+class GPT2Positions(nn.Module):
+    """Adds GPT-2's learned position embeddings (and its embedding dropout)."""
+
+    def __init__(self, wpe, drop):
+        super().__init__()
+        self.wpe, self.drop = wpe, drop
+
+    def forward(self, inputs):
+        hidden, mask = inputs
+        return self.drop(hidden + self.wpe(_positions(hidden))), mask
+
+
+class GPT2Block(nn.Module):
+    def __init__(self, block, config):
+        super().__init__()
+        self.block, self.config = block, config
+
+    def forward(self, inputs):
+        hidden, mask = inputs
+        positions = _positions(hidden)
+        causal = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=mask,
+                                    past_key_values=None, position_ids=positions)
+        return self.block(hidden, None, causal, use_cache=False, position_ids=positions), mask
+
+
+class BertEmbed(nn.Module):
+    """(input_ids, mask, token_type_ids) -> (embeddings, mask)."""
+
+    def __init__(self, embeddings):
+        super().__init__()
+        self.embeddings = embeddings
+
+    def forward(self, inputs):
+        input_ids, mask, token_types = inputs
+        return self.embeddings(input_ids=input_ids, token_type_ids=token_types), mask
+
+
+class BertBlock(nn.Module):
+    def __init__(self, layer, config):
+        super().__init__()
+        self.layer, self.config = layer, config
+
+    def forward(self, inputs):
+        hidden, mask = inputs
+        extended = create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=mask)
+        return self.layer(hidden, extended), mask
+
+
+class BertClassifierHead(nn.Module):
+    """Pooler (first token), dropout, classifier: BertForSequenceClassification's head."""
+
+    def __init__(self, pooler, dropout, classifier):
+        super().__init__()
+        self.pooler, self.dropout, self.classifier = pooler, dropout, classifier
+
+    def forward(self, inputs):
+        return self.classifier(self.dropout(self.pooler(inputs[0])))
+
+
+def _decoder(model, blocks, norm, extra=()):
+    """embedding, extra layers, blocks, final norm, head; a tied head reuses the embedding's weight."""
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head.weight is embedding.weight:
+        from deepspeed.pipe import TiedLayerSpec
+
+        first = TiedLayerSpec(TIED, Embedding, embedding, tied_weight_attr="embedding.weight")
+        last = TiedLayerSpec(TIED, Embedding, embedding, forward_fn=tied_head, tied_weight_attr="embedding.weight")
+    else:
+        first, last = Embedding(embedding), Head(head)
+    return [first, *extra, *blocks, FinalNorm(norm), last]
+
+
+def llama_layers(model):
+    base = model.model
+    return _decoder(model, [LlamaBlock(layer, base.rotary_emb, model.config) for layer in base.layers], base.norm)
+
+
+def gpt2_layers(model):
+    base = model.transformer
+    blocks = [GPT2Block(block, model.config) for block in base.h]
+    return _decoder(model, blocks, base.ln_f, extra=[GPT2Positions(base.wpe, base.drop)])
+
+
+def bert_classifier_layers(model):
+    base = model.bert
+    return [BertEmbed(base.embeddings), *(BertBlock(layer, model.config) for layer in base.encoder.layer),
+            BertClassifierHead(base.pooler, model.dropout, model.classifier)]
+
+
+def causal_lm_loss(model):
+    return lambda logits, labels: ForCausalLMLoss(logits, labels, vocab_size=model.config.vocab_size)
+
+
+def classifier_loss(model):
+    return lambda logits, labels: ForSequenceClassificationLoss(labels, logits, model.config)
+
+
+@dataclass(frozen=True)
+class Family:
+    layers: Callable  # model -> pipeline layers
+    loss: Callable  # model -> loss_fn(outputs, labels)
+    inputs: tuple  # batch keys fed to the first stage, in order
+
+
+DECODER_INPUTS = ("input_ids", "attention_mask")
+FAMILIES = {
+    "LlamaForCausalLM": Family(llama_layers, causal_lm_loss, DECODER_INPUTS),
+    "GPT2LMHeadModel": Family(gpt2_layers, causal_lm_loss, DECODER_INPUTS),
+    "BertForSequenceClassification": Family(bert_classifier_layers, classifier_loss,
+                                            ("input_ids", "attention_mask", "token_type_ids")),
+}
+
+
+def family_of(model):
+    name = type(model).__name__
+    if name not in FAMILIES:
+        raise HftuneError(f"engine: pipeline cannot split {name}; it supports {sorted(FAMILIES)}. "
+                          "Use engine: trainer (DDP or DeepSpeed ZeRO) for this model.")
+    return FAMILIES[name]
+
+
+# ---- configuration: refusals, stages, the DeepSpeed JSON ----
+
+NOT_IN_PIPELINE = {
+    "label_smoothing_factor": "label smoothing", "l1_lambda": "L1 penalties", "l2_lambda": "L2 penalties",
+    "early_stopping_patience": "early stopping", "max_grad_value": "clipping by value",
+    "activation_checkpointing": "activation checkpointing (set pipeline.activation_checkpoint_interval "
+                                "in the DeepSpeed JSON instead)",
+}
+
+
+def check_pipeline_args(args):
+    """What this engine cannot honour is refused before any model is split."""
+    for name in TRAINER_ONLY:
+        if name != "deepspeed" and getattr(args, name, None) not in UNSET:
+            raise HftuneError(f"{name} is implemented by Trainer's loop only; use engine: trainer or drop {name}.")
+    for name, what in NOT_IN_PIPELINE.items():
+        if getattr(args, name, None) not in (*UNSET, 0, 0.0):
+            raise HftuneError(f"engine: pipeline does not support {what}; drop {name} or use engine: trainer.")
+    if args.max_grad_norm_type != 2:
+        raise HftuneError("engine: pipeline clips with DeepSpeed's 2-norm; drop max_grad_norm_type.")
+    if args.train_sampling_strategy not in ("random", "sequential"):
+        raise HftuneError("engine: pipeline supports train_sampling_strategy random or sequential.")
+    schedule = name_of(args.lr_scheduler_type)
+    if (schedule in SCHEDULES and SCHEDULES[schedule].on_metric) or schedule in ("reduce_lr_on_plateau", "greedy"):
+        raise HftuneError(f"lr_scheduler_type {schedule} steps on evaluations, which DeepSpeed's pipeline "
+                          "cannot do; use a per-step schedule (linear, cosine, ...).")
+    if args.save_strategy == "best":
+        raise HftuneError("save_strategy: best needs engine: trainer; use steps or epoch.")
+
+
+def resolve_stages(args, config, world_size, num_layers):
+    """pipeline_stages, else the DeepSpeed JSON's pipeline.stages, else one stage per process."""
+    stages = args.pipeline_stages or config.get("pipeline", {}).get("stages", "auto")
+    stages = world_size if stages == "auto" else int(stages)
+    if stages < 1:
+        raise HftuneError(f"pipeline_stages must be >= 1, got {stages}.")
+    if num_layers < stages:
+        raise HftuneError(f"the model has {num_layers} pipeline layers (embedding, blocks, norm, head), fewer than "
+                          f"pipeline_stages={stages}; use at most {num_layers} stages.")
+    if world_size % stages:
+        raise HftuneError(f"{world_size} processes cannot be split into pipelines of {stages} stages; launch a "
+                          f"multiple of {stages} processes or set pipeline_stages to a divisor of {world_size}.")
+    return stages
+
+
+def load_deepspeed_config(args):
+    """The DeepSpeed JSON of the launch (accelerate's deepspeed_config_file, or `deepspeed:`);
+    without one, ZeRO-1 with DeepSpeed's pipeline defaults."""
+    source = args.deepspeed or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if isinstance(source, dict):
+        return copy.deepcopy(source)
+    if not source or source == "none":
+        return {"zero_optimization": {"stage": 1}, "steps_per_print": 10**9}
+    if not os.path.isfile(source):
+        raise HftuneError(f"DeepSpeed config '{source}' not found (relative paths start at the working directory "
+                          f"{os.getcwd()}); launch from the repository root or give an absolute path.")
+    return json.loads(Path(source).read_text())
+
+
+def _leftover_auto(config, prefix=""):
+    for key, value in config.items():
+        if isinstance(value, dict):
+            yield from _leftover_auto(value, f"{prefix}{key}.")
+        elif value == "auto" and f"{prefix}{key}" != "pipeline.stages":
+            yield f"{prefix}{key}"
+
+
+def fill_deepspeed_config(config, args, data_parallel):
+    """TrainingArguments own batch sizes, accumulation, clipping and precision: "auto" takes their
+    values, and an explicit different value is an error (one owner per value)."""
+    micro, accumulation = args.per_device_train_batch_size, args.gradient_accumulation_steps
+    owned = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accumulation,
+             "train_batch_size": micro * accumulation * data_parallel, "gradient_clipping": args.max_grad_norm}
+    for key, value in owned.items():
+        if config.setdefault(key, "auto") == "auto":
+            config[key] = value
+        elif config[key] != value:
+            raise HftuneError(f"the DeepSpeed config sets {key}={config[key]} but the training arguments give "
+                              f"{value}; set it to \"auto\" in the JSON.")
+    for precision in ("fp16", "bf16"):
+        block = config.setdefault(precision, {})
+        if block.get("enabled", "auto") == "auto":
+            block["enabled"] = bool(getattr(args, precision))
+    for block in ("optimizer", "scheduler"):
+        if block in config:
+            raise HftuneError(f"the DeepSpeed config has a '{block}' block; engine: pipeline takes optim and "
+                              "lr_scheduler_type from the config instead: remove the block.")
+    leftover = list(_leftover_auto(config))
+    if leftover:
+        raise HftuneError(f"the DeepSpeed config leaves {leftover} as \"auto\", which engine: pipeline cannot "
+                          "fill; give them values.")
+    if config.get("zero_optimization", {}).get("stage", 0) > 1:
+        raise HftuneError("DeepSpeed pipelines combine with ZeRO stage 0 or 1 only; set zero_optimization.stage 1.")
+    config["zero_allow_untested_optimizer"] = True  # hftune's registry optimizers are plain torch ones
+    return config
+
+
+def init_distributed():
+    """One process per stage; a run started without a launcher is a world of one."""
+    import deepspeed
+
+    if not torch_dist.is_initialized() and "RANK" not in os.environ:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        for key, value in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1), ("MASTER_ADDR", "127.0.0.1"),
+                           ("MASTER_PORT", port)):
+            os.environ.setdefault(key, str(value))
+    # On a machine without GPU gloo carries the activations; DeepSpeed's default backend needs one.
+    deepspeed.init_distributed(dist_backend=None if torch.accelerator.is_available() else "gloo")
+
+
+# ---- the engine ----
+
+
+class PipelineEngine:
+    """Trains, evaluates and saves a TaskBundle through a DeepSpeed pipeline; offers the Trainer
+    methods run.py uses."""
+
+    log_metrics, save_metrics, save_state = log_metrics, save_metrics, save_state
+
+    def __init__(self, bundle, args):
+        check_pipeline_args(args)
+        self.bundle, self.args, self.model = bundle, args, bundle.model
+        self.family = family_of(self.model)
+        layers = self.family.layers(self.model)
+        config = load_deepspeed_config(args)
+        stages = resolve_stages(args, config, args.world_size, len(layers))
+        set_seed(args.seed)
+        init_distributed()
+        from deepspeed.pipe import PipelineModule
+
+        partition = config.get("pipeline", {}).get("partition", "parameters")
+        self.module = PipelineModule(layers, num_stages=stages, loss_fn=self.family.loss(self.model),
+                                     partition_method=partition, dynamic_shape=True)
+        parts = self.module.parts
+        if any(start == stop for start, stop in zip(parts, parts[1:])):
+            raise HftuneError(f"partition '{partition}' leaves a pipeline stage without layers ({parts}); "
+                              "use fewer stages or pipeline.partition: uniform in the DeepSpeed JSON.")
+        self.grid = self.module.mpu()
+        self.stages, self.data_parallel = stages, self.grid.get_data_parallel_world_size()
+        self.ds_config = fill_deepspeed_config(config, args, self.data_parallel)
+        self.engine = self.optimizer = self.lr_scheduler = None
+        self.state, self.control = self._new_state(), TrainerControl()
+        callbacks = [DefaultFlowCallback, *get_reporting_integration_callbacks(args.report_to),
+                     PrinterCallback if args.disable_tqdm else ProgressCallback]
+        self.callback_handler = CallbackHandler(callbacks, self.model, bundle.processor, None, None)
+        logger.info(f"pipeline: {stages} stages x {self.data_parallel} data-parallel replicas, layers per stage "
+                    f"{np.diff(parts).tolist()}, {args.gradient_accumulation_steps} micro-batches of "
+                    f"{args.per_device_train_batch_size} per step")
+
+    def add_callback(self, callback):
+        self.callback_handler.add_callback(callback)
+
+    def is_world_process_zero(self):
+        return self.args.process_index == 0
+
+    def is_local_process_zero(self):
+        return self.args.local_process_index == 0
+
+    def _new_state(self):
+        return TrainerState(is_local_process_zero=self.is_local_process_zero(),
+                            is_world_process_zero=self.is_world_process_zero())
+
+    def _initialize(self, optimizer=None, lr_scheduler=None):
+        import deepspeed
+
+        config = self.ds_config
+        if optimizer is None:  # evaluation only: ZeRO partitions optimizer state, and there is none
+            config = {**config, "zero_optimization": {"stage": 0}}
+        self.engine, self.optimizer, _, self.lr_scheduler = deepspeed.initialize(
+            model=self.module, optimizer=optimizer, lr_scheduler=lr_scheduler, config=config)
+        self.callback_handler.optimizer, self.callback_handler.lr_scheduler = self.optimizer, self.lr_scheduler
+
+    @property
+    def reads_data(self):
+        """Only the first stage (inputs) and the last (labels) read batches."""
+        stage = self.grid.get_stage_id()
+        return stage == 0 or stage == self.stages - 1
+
+    # ---- data ----
+
+    def _to_pipe(self, batch):
+        """A collated batch as DeepSpeed's ((first stage's inputs), labels)."""
+        ids = batch["input_ids"]
+        defaults = {"attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+        inputs = tuple(batch[k] if batch.get(k) is not None else defaults[k] for k in self.family.inputs)
+        return inputs, batch["labels"]
+
+    def _loader(self, dataset, batches):
+        return DataLoader(dataset, batch_sampler=batches, collate_fn=self.bundle.data_collator or default_data_collator,
+                          num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory)
+
+    def _train_batches(self, epoch):
+        """This replica's micro-batches of one epoch: a distinct share of the rows on each replica."""
+        args = self.args
+        sampler = DistributedSampler(
+            self.bundle.train_dataset, num_replicas=self.data_parallel, rank=self.grid.get_data_parallel_rank(),
+            shuffle=args.train_sampling_strategy == "random", drop_last=True,
+            seed=args.data_seed if args.data_seed is not None else args.seed)
+        sampler.set_epoch(epoch)
+        return list(BatchSampler(sampler, args.per_device_train_batch_size, drop_last=True))
+
+    def _micro_batches(self, epoch, skip):
+        if not self.reads_data:
+            return None  # middle stages receive activations only
+        return map(self._to_pipe, iter(self._loader(self.bundle.train_dataset, self._train_batches(epoch)[skip:])))
+
+    # ---- training ----
+
+    def _setup_training(self):
+        args = self.args
+        per_epoch = len(self._train_batches(0)) // args.gradient_accumulation_steps
+        if per_epoch == 0:
+            raise HftuneError(f"one pipeline step takes {args.gradient_accumulation_steps} micro-batches of "
+                              f"{args.per_device_train_batch_size} per replica, more than the training set holds; "
+                              "lower per_device_train_batch_size or gradient_accumulation_steps.")
+        max_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * per_epoch)
+        epochs = math.ceil(max_steps / per_epoch)
+        optimizer = build_optimizer(self.module, args)  # this stage's parameters only
+        # A stage may have no bias/norm (or no decayed) parameter: drop the empty group now, as DeepSpeed
+        # would after the schedule has counted it.
+        optimizer.param_groups[:] = [group for group in optimizer.param_groups if group["params"]]
+        for line in describe_strategy(self.module, optimizer, args):
+            logger.info(line)
+        self._initialize(optimizer, build_scheduler(optimizer, args, max_steps, per_epoch))
+        self.state.max_steps, self.state.num_train_epochs = max_steps, epochs
+        self.state.train_batch_size = args.per_device_train_batch_size
+        self.state.compute_steps(args, max_steps)
+        return per_epoch, max_steps, epochs
+
+    def _resume(self, checkpoint, per_epoch):
+        """Stage weights, optimizer and schedule from checkpoint-N; returns (epochs done, steps into the epoch)."""
+        if checkpoint is None:
+            return 0, 0
+        path, _ = self.engine.load_checkpoint(checkpoint, tag=STATE_DIR)
+        if path is None:
+            raise HftuneError(f"{checkpoint} holds no {STATE_DIR}/ written by engine: pipeline; start fresh.")
+        loaded = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
+        for key in ("global_step", "epoch", "log_history", "best_metric", "best_global_step"):
+            setattr(self.state, key, getattr(loaded, key))
+        logger.info(f"resumed from {checkpoint} at step {self.state.global_step}")
+        return divmod(self.state.global_step, per_epoch)
+
+    def train(self, resume_from_checkpoint=None):
+        args = self.args
+        per_epoch, max_steps, epochs = self._setup_training()
+        epochs_done, steps_done = self._resume(resume_from_checkpoint, per_epoch)
+        self._tr_loss, self._total_loss, self._last_logged = 0.0, 0.0, self.state.global_step
+        first_step, start = self.state.global_step, time.time()
+        self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
+        for epoch in range(epochs_done, epochs):
+            self._run_epoch(epoch, per_epoch, steps_done, max_steps)
+            steps_done = 0
+            if self.control.should_training_stop or self.state.global_step >= max_steps:
+                break
+        self.control = self.callback_handler.on_train_end(args, self.state, self.control)
+        return self._train_output(start, first_step, max_steps, epochs)
+
+    def _run_epoch(self, epoch, per_epoch, steps_done, max_steps):
+        args = self.args
+        batches = self._micro_batches(epoch, steps_done * args.gradient_accumulation_steps)
+        self.control = self.callback_handler.on_epoch_begin(args, self.state, self.control)
+        for step in range(steps_done, per_epoch):
+            if self.state.global_step >= max_steps:
+                break
+            self.control = self.callback_handler.on_step_begin(args, self.state, self.control)
+            self._learning_rate = self.engine.get_lr()[0]  # the rate this step uses (DeepSpeed steps the schedule)
+            self._tr_loss += self.engine.train_batch(batches).item()  # mean over micro-batches and replicas
+            self.state.global_step += 1
+            self.state.epoch = epoch + (step + 1) / per_epoch
+            self.control = self.callback_handler.on_step_end(args, self.state, self.control)
+            self._maybe_log_save_evaluate()
+            if self.control.should_epoch_stop or self.control.should_training_stop:
+                break
+        self.control = self.callback_handler.on_epoch_end(args, self.state, self.control)
+        self._maybe_log_save_evaluate()
+
+    def _maybe_log_save_evaluate(self):
+        if self.control.should_log and self.state.global_step > self._last_logged:
+            logs = {"loss": self._tr_loss / (self.state.global_step - self._last_logged)}
+            grad_norm = self.engine.get_global_grad_norm()
+            if grad_norm is not None:
+                logs["grad_norm"] = float(grad_norm)
+            self.log({**logs, "learning_rate": self._learning_rate})
+            self._total_loss += self._tr_loss
+            self._tr_loss, self._last_logged = 0.0, self.state.global_step
+        if self.control.should_evaluate:
+            self.evaluate()
+        if self.control.should_save:
+            self._save_checkpoint()
+            self.control = self.callback_handler.on_save(self.args, self.state, self.control)
+
+    def _train_output(self, start, first_step, max_steps, epochs):
+        self._total_loss += self._tr_loss  # steps after the last log line
+        steps = max(self.state.global_step - first_step, 1)
+        batch = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps * self.data_parallel
+        metrics = speed_metrics("train", start, num_samples=steps * batch, num_steps=steps)
+        metrics["train_loss"] = self._total_loss / steps
+        self.log(dict(metrics))
+        return TrainOutput(self.state.global_step, metrics["train_loss"], metrics)
+
+    # ---- evaluation, logging, saving ----
+
+    def evaluate(self, eval_dataset=None, metric_key_prefix="eval"):
+        """Loss (and the task's metrics) over the whole set; computed on the last stage, sent to every rank."""
+        dataset = self.bundle.eval_dataset if eval_dataset is None else eval_dataset
+        if self.engine is None:  # evaluation without training
+            self._initialize()
+        batches = list(BatchSampler(SequentialSampler(dataset), self.args.per_device_eval_batch_size, False))
+        loader = iter(self._loader(dataset, batches)) if self.reads_data else None
+        start, losses, sizes, logits, labels = time.time(), [], [], [], []
+        for _ in batches:
+            batch = self._to_pipe(next(loader)) if loader is not None else None
+            loss, outputs = self.engine.eval_batch(iter([batch]), return_logits=True, reduce_output=None,
+                                                   bcast_loss=False, num_micro_batches=1)
+            if self.grid.get_stage_id() == self.stages - 1:
+                losses.append(loss[0].float().item())
+                sizes.append(len(batch[1]))
+                if self.bundle.compute_metrics is not None:
+                    logits.append(outputs.float().cpu())
+                    labels.append(batch[1].cpu())
+        metrics = self._eval_metrics(losses, sizes, logits, labels, metric_key_prefix)
+        metrics.update(speed_metrics(metric_key_prefix, start, num_samples=len(dataset), num_steps=len(batches)))
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics=metrics)
+        return metrics
+
+    def _eval_metrics(self, losses, sizes, logits, labels, prefix):
+        """Example-weighted mean loss, as Trainer's, from the last stage of replica 0 to all ranks."""
+        metrics = {}
+        if losses:
+            if logits:
+                predictions = EvalPrediction(predictions=torch.cat(logits).numpy(), label_ids=torch.cat(labels).numpy())
+                metrics = {f"{prefix}_{k}": v for k, v in self.bundle.compute_metrics(predictions).items()}
+            metrics[f"{prefix}_loss"] = float(np.average(losses, weights=sizes))
+        shared = [metrics]
+        torch_dist.broadcast_object_list(shared, src=self.grid.stage_to_global(stage_id=self.stages - 1, data=0))
+        return shared[0]
+
+    def log(self, logs):
+        if self.bundle.derived_metrics:
+            logs.update(self.bundle.derived_metrics(logs))
+        if self.state.epoch is not None:
+            logs["epoch"] = self.state.epoch
+        self.state.log_history.append({**logs, "step": self.state.global_step})
+        self.control = self.callback_handler.on_log(self.args, self.state, self.control, logs)
+
+    def _gather_weights(self):
+        """On rank 0, the HF model's parameters as the stages hold them now (the first stage's copy
+        of a tied embedding wins; the copies are equal)."""
+        local = {id(p) for p in self.module.parameters()}
+        mine = {}
+        if self.grid.get_data_parallel_rank() == 0:  # replicas hold equal weights
+            mine = {n: p.detach().cpu() for n, p in self.model.named_parameters() if id(p) in local}
+        gathered = [None] * torch_dist.get_world_size() if self.is_world_process_zero() else None
+        torch_dist.gather_object(mine, gathered, dst=0)
+        if not self.is_world_process_zero():
+            return None
+        merged = {}
+        for part in gathered:
+            for name, tensor in part.items():
+                merged.setdefault(name, tensor)
+        return merged
+
+    def save_model(self, output_dir=None):
+        """A plain HF checkpoint (safetensors + config + processor) that from_pretrained loads."""
+        output_dir = output_dir or self.args.output_dir
+        weights = self._gather_weights()
+        if weights is None:
+            return
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in weights.items():
+                params[name].copy_(tensor)  # only other stages' layers change on rank 0
+        self.model.save_pretrained(output_dir)
+        if self.bundle.processor is not None:
+            self.bundle.processor.save_pretrained(output_dir)
+
+    def _save_checkpoint(self):
+        path = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
+        self.engine.save_checkpoint(path, tag=STATE_DIR)  # every rank writes its stage and optimizer shard
+        self.save_model(path)
+        if self.is_world_process_zero():
+            self.state.save_to_json(os.path.join(path, "trainer_state.json"))
+            self._rotate_checkpoints()
+
+    def _rotate_checkpoints(self):
+        limit = self.args.save_total_limit
+        if not limit:
+            return
+        paths = glob.glob(os.path.join(self.args.output_dir, "checkpoint-*"))
+        for old in sorted(paths, key=lambda p: int(p.rsplit("-", 1)[-1]))[:-limit]:
+            shutil.rmtree(old, ignore_errors=True)
