@@ -1,0 +1,81 @@
+"""Launch checks: a DeepSpeed JSON or a compression setting that the run could not honour is refused
+with one line, before any data or model is loaded."""
+
+import json
+import os
+
+import pytest
+
+from test_bad_input import base, fail  # noqa: F401  (fixture and helper)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ZERO2 = {"zero_optimization": {"stage": 2}, "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
+         "gradient_accumulation_steps": "auto"}
+PIPELINE = {"zero_optimization": {"stage": 1}, "pipeline": {"stages": "auto"}}
+
+# case: (DeepSpeed JSON or None, extra flags, environment, expected fragment of the error line)
+LAUNCH_ERRORS = {
+    "pipeline block under Trainer": (PIPELINE, [], {}, "'pipeline' block, which engine: trainer would ignore"),
+    "ZeRO-2 with pipeline": ({**ZERO2, "pipeline": {}}, ["--engine", "pipeline"], {}, "ZeRO-0/1 only"),
+    "pipeline without DeepSpeed": (None, ["--engine", "pipeline"], {}, "engine: pipeline runs on DeepSpeed"),
+    "1-bit Adam": ({**ZERO2, "optimizer": {"type": "OneBitAdam", "params": {"lr": 1e-3}}}, [], {},
+                   "OneBitAdam no longer exists in the installed DeepSpeed"),
+    "second optimizer owner": ({**ZERO2, "optimizer": {"type": "AdamW"}}, [], {}, "from the recipe's optim"),
+    "second scheduler owner": ({**ZERO2, "scheduler": {"type": "WarmupLR"}}, [], {},
+                               "from the recipe's lr_scheduler_type"),
+    "global batch": ({**ZERO2, "train_batch_size": 64}, ["--per_device_train_batch_size", "8"], {"WORLD_SIZE": "2"},
+                     "train_batch_size is 64 but the recipe gives 16"),
+    "micro batch": ({**ZERO2, "train_micro_batch_size_per_gpu": 4}, ["--per_device_train_batch_size", "8"], {},
+                    "train_micro_batch_size_per_gpu is 4 but the recipe gives 8"),
+    "accumulation": ({**ZERO2, "gradient_accumulation_steps": 4}, [], {}, "gradient_accumulation_steps is 4"),
+    "NVMe offload without GPU": ("deepspeed_configs/zero3_nvme_offload.json", [], {}, "NVMe offload (ZeRO-Infinity)"),
+    "missing DeepSpeed file": ("no/such.json", [], {}, "DeepSpeed config 'no/such.json' does not exist"),
+    "unknown hook": (None, ["--ddp_comm_hook", "int8"], {}, "unknown ddp_comm_hook 'int8'"),
+    "bf16 hook on gloo": (None, ["--ddp_comm_hook", "bf16"], {}, "bf16 needs NCCL"),
+    "powersgd too early": (None, ["--ddp_comm_hook", "powersgd", "--powersgd_start_iter", "1"], {},
+                           "powersgd_start_iter >= 2"),
+    "powersgd with unused-parameter search": (None, ["--ddp_comm_hook", "powersgd", "--ddp_find_unused_parameters",
+                                                     "true"], {}, "deadlocks with ddp_find_unused_parameters"),
+    "hook under DeepSpeed": (ZERO2, ["--ddp_comm_hook", "fp16"], {}, "ddp_comm_hook applies to DDP only"),
+    "hook without DDP": (None, ["--ddp_comm_hook", "fp16"], {}, "a 1-process run does not have"),
+}
+
+
+@pytest.mark.parametrize("case", LAUNCH_ERRORS)
+def test_launch_that_cannot_be_honoured_is_refused(case, capsys, base, tmp_path, monkeypatch):  # noqa: F811
+    config, flags, env, fragment = LAUNCH_ERRORS[case]
+    monkeypatch.chdir(REPO)  # shipped JSONs are named relative to the repository root, as in the README
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    if isinstance(config, dict):
+        (tmp_path / "ds.json").write_text(json.dumps(config))
+        config = str(tmp_path / "ds.json")
+    deepspeed = ["--deepspeed", config] if config else []
+    assert fragment in fail(capsys, base + deepspeed + flags)
+
+
+@pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(REPO, "deepspeed_configs"))))
+def test_shipped_deepspeed_configs_leave_training_arguments_values_to_the_recipe(name):
+    """One owner per value: batch sizes, accumulation, clipping and precision are "auto"; no optimizer/scheduler."""
+    config = json.loads(open(os.path.join(REPO, "deepspeed_configs", name)).read())
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                "gradient_clipping"):
+        assert config[key] == "auto", key
+    assert config["fp16"]["enabled"] == config["bf16"]["enabled"] == "auto"
+    assert "optimizer" not in config and "scheduler" not in config
+    assert "stage" in config["zero_optimization"]
+
+
+@pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(REPO, "deepspeed_configs"))))
+def test_shipped_deepspeed_configs_are_valid_for_the_installed_deepspeed(name):
+    """DeepSpeed's own config model parses each file, once TrainingArguments has filled its "auto" values."""
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    config = json.loads(open(os.path.join(REPO, "deepspeed_configs", name)).read())
+    filled = {**config, "train_batch_size": 16, "train_micro_batch_size_per_gpu": 16, "gradient_accumulation_steps": 1,
+              "gradient_clipping": 1.0, "fp16": {**config["fp16"], "enabled": False}, "bf16": {"enabled": False}}
+    zero = filled["zero_optimization"]
+    filled["zero_optimization"] = {k: (1000 if v == "auto" else v) for k, v in zero.items()}
+    parsed = DeepSpeedConfig(filled)
+    assert parsed.zero_optimization_stage == zero["stage"]
