@@ -1,5 +1,10 @@
 """Load the raw splits a run needs: a Hub data set, an offline asset, or local files/folders.
 
+With `streaming: true` the train split is a `datasets.IterableDataset` read lazily as training
+consumes it (tasks preprocess it with IterableDataset.map); validation and test are read once into
+ordinary map-style data sets, so evaluation works as without streaming. Which rows each process
+reads is left to accelerate (see `shuffle_stream`).
+
 Example:
     >>> from hftune.config import DataArguments
     >>> raw = load_raw_datasets(DataArguments(train_file="train.csv"), seed=42)  # doctest: +SKIP
@@ -8,13 +13,15 @@ Example:
 """
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
-from datasets import ClassLabel, DatasetDict, load_dataset
+from datasets import ClassLabel, Dataset, DatasetDict, IterableDataset, load_dataset
 from datasets.exceptions import DatasetGenerationError
 
 from hftune.assets import get_asset, is_asset
 from hftune.errors import HftuneError, closest
+from hftune.optim import optimizer_spec, schedule_kwargs
 
 BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
 
@@ -59,33 +66,61 @@ def _local_files(data_args):
 
 
 def _load(data_args, cache_dir):
+    """A DatasetDict, or an IterableDatasetDict of streams with `streaming: true`."""
+    common = dict(cache_dir=cache_dir, streaming=data_args.streaming)  # for every load_dataset call
     if is_asset(data_args.dataset_name):
         if data_args.dataset_config_name:
             raise HftuneError("dataset_config_name does not apply to an asset: data set; drop it.")
         asset = get_asset(data_args.dataset_name, "dataset")
-        raw = load_dataset(asset.builder, data_files=asset.locate(), cache_dir=cache_dir, **asset.builder_kwargs)
+        raw = load_dataset(asset.builder, data_files=asset.locate(), **common, **asset.builder_kwargs)
         return raw.rename_columns(asset.rename_columns)
     if data_args.dataset_name:
-        return load_dataset(data_args.dataset_name, data_args.dataset_config_name, cache_dir=cache_dir)
+        return load_dataset(data_args.dataset_name, data_args.dataset_config_name, **common)
     if not (data_args.train_file or data_args.validation_file or data_args.test_file):
         raise HftuneError("no data: set dataset_name, or train_file (and optionally validation_file/test_file).")
     builder, files = _local_files(data_args)
     if builder == "imagefolder":
         return DatasetDict(
-            {split: load_dataset("imagefolder", data_dir=path, split="train", cache_dir=cache_dir)
+            {split: load_dataset("imagefolder", data_dir=path, split="train", **common)
              for split, path in files.items()}
         )
     if builder == "csv" and any(Path(p).suffix.lower() == ".tsv" for p in files.values()):
-        return load_dataset(builder, data_files=files, cache_dir=cache_dir, delimiter="\t")
-    return load_dataset(builder, data_files=files, cache_dir=cache_dir)
+        return load_dataset(builder, data_files=files, delimiter="\t", **common)
+    return load_dataset(builder, data_files=files, **common)
 
 
 def _carve_validation(raw, percentage, seed):
     if "validation" in raw or percentage == 0:
         return raw
+    if is_stream(raw["train"]):
+        raise HftuneError(
+            "validation_split_percentage cannot carve a validation split out of a stream (streaming: true); give one "
+            "(validation_file, or a dataset_name that has one), or set validation_split_percentage: 0."
+        )
     split = raw["train"].train_test_split(test_size=percentage / 100, seed=seed)
     raw["train"], raw["validation"] = split["train"], split["test"]
     return raw
+
+
+def is_stream(dataset):
+    return isinstance(dataset, IterableDataset)
+
+
+def _read_streams(streams, data_args):
+    """The train stream with its columns known (from its first rows), and the other splits read
+    into memory (validation capped at max_eval_samples): evaluation needs their length."""
+    splits = {}
+    for split, stream in streams.items():
+        if next(iter(stream.take(1)), None) is None:
+            raise HftuneError(f"the {split} split is empty; check the data file.")
+        if split == "train":
+            # How datasets itself (concatenate_datasets, interleave_datasets) learns a stream's features.
+            splits[split] = stream._resolve_features()
+        else:
+            limit = data_args.max_eval_samples if split == "validation" else None
+            rows = stream.take(limit) if limit is not None else stream
+            splits[split] = Dataset.from_list(list(rows), features=stream.features)
+    return splits
 
 
 def limit_splits(splits, data_args):
@@ -93,17 +128,22 @@ def limit_splits(splits, data_args):
     it where HF's example scripts apply them: on rows for classification (before tokenizing),
     on blocks for a packed causal LM (after grouping)."""
     limits = {"train": data_args.max_train_samples, "validation": data_args.max_eval_samples}
-    return {
-        split: ds.select(range(limits[split])) if limits.get(split) is not None and len(ds) > limits[split] else ds
-        for split, ds in splits.items()
-    }
+    limited = {}
+    for split, ds in splits.items():
+        limit = limits.get(split)
+        if limit is not None and is_stream(ds):
+            ds = ds.take(limit)
+        elif limit is not None and len(ds) > limit:
+            ds = ds.select(range(limit))
+        limited[split] = ds
+    return limited
 
 
-def load_raw_datasets(data_args, seed=42, cache_dir=None, keep_test=False):
-    """DatasetDict with 'train', 'validation' where the data allows, and 'test' if keep_test.
-    Other splits (e.g. an unlabelled 'unsupervised') are left out."""
+@contextmanager
+def _readable_errors():
+    """datasets' and the file system's errors as one-line HftuneErrors."""
     try:
-        raw = _load(data_args, cache_dir)
+        yield
     except HftuneError:
         raise
     except UnicodeDecodeError as err:
@@ -113,15 +153,80 @@ def load_raw_datasets(data_args, seed=42, cache_dir=None, keep_test=False):
         raise HftuneError(f"could not read the data ({cause}); check that no file is empty or malformed.") from None
     except (OSError, ValueError) as err:  # missing files, no network, unknown data set
         raise HftuneError(f"could not load the data set: {str(err).splitlines()[0]}") from None
+
+
+def load_raw_datasets(data_args, seed=42, cache_dir=None, keep_test=False):
+    """DatasetDict with 'train', 'validation' where the data allows, and 'test' if keep_test.
+    Other splits (e.g. an unlabelled 'unsupervised') are left out. With `streaming: true`, a dict
+    whose 'train' is an IterableDataset (the other splits are map-style)."""
     wanted = ("train", "validation", "test") if keep_test else ("train", "validation")
-    raw = DatasetDict({split: ds for split, ds in raw.items() if split in wanted})
-    if "train" not in raw:
-        raise HftuneError("the data has no train split; set train_file, or a dataset_name that has one.")
+    with _readable_errors():
+        raw = {split: ds for split, ds in _load(data_args, cache_dir).items() if split in wanted}
+        if "train" not in raw:
+            raise HftuneError("the data has no train split; set train_file, or a dataset_name that has one.")
+        raw = _read_streams(raw, data_args) if data_args.streaming else DatasetDict(raw)
     raw = _carve_validation(raw, data_args.validation_split_percentage, seed)
     for split, dataset in raw.items():
-        if len(dataset) == 0:
+        if not is_stream(dataset) and len(dataset) == 0:
             raise HftuneError(f"the {split} split is empty; check the data file or max_*_samples.")
     return raw
+
+
+def apply_batched(dataset, method, function, num_proc=None, desc=None, **kwargs):
+    """`dataset.map` / `dataset.filter` in batches: run now and cached by datasets for a map-style
+    split (on num_proc processes); for a stream, run lazily on each batch as training reads it."""
+    if not is_stream(dataset):
+        kwargs.update(num_proc=num_proc, desc=desc)
+    return getattr(dataset, method)(function, batched=True, **kwargs)
+
+
+def label_ids(values, to_id, split):
+    """Class ids of a batch of labels (as class names). A stream's labels cannot be checked up
+    front, so one outside the known classes stops training here, named."""
+    try:
+        return [to_id[str(v)] for v in values]
+    except KeyError as err:
+        raise HftuneError(
+            f"the {split} split has label {err.args[0]!r}, not one of the classes {list(to_id)}; with streaming: true "
+            "the classes come from the validation split (or the data's ClassLabel): add it there, or fix the data."
+        ) from None
+
+
+SHUFFLE_BUFFER = 10_000  # examples a shuffled stream draws from (datasets' default is 1,000)
+
+
+def shuffle_stream(dataset, args):
+    """`train_sampling_strategy: random` for a stream: shard order and a buffer of SHUFFLE_BUFFER
+    examples shuffled with the run's seed (reshuffled each epoch through set_epoch); sequential
+    keeps the stream's order. Every process draws the same order from the same seed, so
+    accelerate's per-process split of the stream (each process's own shards, or its own slice of
+    every global batch) still hands each process distinct rows.
+
+    Example:
+        >>> train = shuffle_stream(train, training_args)  # doctest: +SKIP
+    """
+    if not is_stream(dataset) or args.train_sampling_strategy == "sequential":
+        return dataset
+    seed = args.data_seed if args.data_seed is not None else args.seed
+    return dataset.shuffle(seed=seed, buffer_size=SHUFFLE_BUFFER)
+
+
+def check_streaming(data_args, args):
+    """Refuse, before any data is read, what a stream (no length, no random access) cannot do."""
+    if not data_args.streaming:
+        return
+    problems = {
+        "max_steps > 0 (a stream has no length to count epochs by)": args.do_train and args.max_steps <= 0,
+        "engine: trainer": args.engine != "trainer",
+        "train_sampling_strategy random or sequential": args.train_sampling_strategy not in ("random", "sequential"),
+        "an optimizer other than gd (it steps once per pass over the whole set)":
+            getattr(optimizer_spec(args), "full_batch", False),
+        "lr_scheduler_kwargs interval: step (an epoch of a stream has no known length)":
+            schedule_kwargs(args).get("interval") == "epoch",
+    }
+    for needed, missing in problems.items():
+        if missing:
+            raise HftuneError(f"streaming: true needs {needed}; change the config, or drop streaming.")
 
 
 def require_columns(dataset, split, **columns):
@@ -135,24 +240,35 @@ def require_columns(dataset, split, **columns):
 
 
 def class_names(raw, label_column):
-    """Class names in id order (a ClassLabel's own names, else the sorted values seen in train),
-    after checking every split's labels: none missing, none unlabelled (-1), none unseen in train."""
+    """Class names in id order (a ClassLabel's own names, else the sorted values seen in train, or
+    in validation when train is a stream, which cannot be read through up front), after checking
+    every map-style split's labels: none missing, none unlabelled (-1), none unknown."""
     feature = raw["train"].features[label_column]
+    source = "validation" if is_stream(raw["train"]) else "train"
     if isinstance(feature, ClassLabel):
-        names = list(feature.names)
+        names, source = list(feature.names), "train"
+    elif source not in raw:
+        raise HftuneError(
+            f"streaming: true cannot read the whole train stream to learn the classes of label_column "
+            f"'{label_column}'; give a validation split holding every class (validation_file), or stream data "
+            "whose label column is a ClassLabel."
+        )
     else:
-        values = raw["train"].unique(label_column)
+        values = raw[source].unique(label_column)
         if any(v is None for v in values):
-            raise HftuneError(f"label_column '{label_column}' has empty labels in the train split; drop or fill them.")
+            raise HftuneError(
+                f"label_column '{label_column}' has empty labels in the {source} split; drop or fill them."
+            )
         names = [str(v) for v in sorted(values)]
     if len(names) < 2:
         raise HftuneError(f"label_column '{label_column}' has a single class {names}; need at least 2.")
     for split, dataset in raw.items():
-        _check_split_labels(dataset, split, label_column, set(names), names)
+        if not is_stream(dataset):  # a stream's labels are checked as it is read (label_ids)
+            _check_split_labels(dataset, split, label_column, set(names), names, source)
     return names
 
 
-def _check_split_labels(dataset, split, label_column, known, names):
+def _check_split_labels(dataset, split, label_column, known, names, source):
     feature = dataset.features[label_column]
     if isinstance(feature, ClassLabel):
         if -1 in dataset.unique(label_column):  # how HF data sets mark unlabelled rows (e.g. GLUE test)
@@ -163,6 +279,6 @@ def _check_split_labels(dataset, split, label_column, known, names):
     unseen = sorted(str(v) for v in values if str(v) not in known)
     if unseen:
         raise HftuneError(
-            f"the {split} split has label(s) {unseen[:5]} that never occur in train (labels: {names}); "
-            "fix the data or carve validation from train."
+            f"the {split} split has label(s) {unseen[:5]} that never occur in {source} (labels: {names}); "
+            f"fix the data{' or carve validation from train' if source == 'train' else ''}."
         )

@@ -20,7 +20,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from hftune.assets import is_asset
 from hftune.config import parse_config, save_resolved_config
-from hftune.data import load_raw_datasets
+from hftune.data import check_streaming, is_stream, load_raw_datasets
 from hftune.engines import build_engine
 from hftune.errors import HftuneError
 from hftune.launch import check_world_size
@@ -79,6 +79,7 @@ def check_inputs(model_args, data_args, training_args):
         raise HftuneError("model_revision does not apply to an asset: model; drop it.")
     if data_args.test_file and not training_args.do_predict:
         raise HftuneError("test_file is set but do_predict is false, so it would be ignored; set do_predict: true.")
+    check_streaming(data_args, training_args)
 
 
 def setup(model_args, data_args, training_args):
@@ -111,7 +112,9 @@ def train(trainer, bundle, training_args, checkpoint):
     if training_args.do_train:
         result = trainer.train(resume_from_checkpoint=checkpoint)
         trainer.save_model()
-        metrics = {**result.metrics, "train_samples": len(bundle.train_dataset)}
+        metrics = dict(result.metrics)
+        if not is_stream(bundle.train_dataset):  # a stream has no length
+            metrics["train_samples"] = len(bundle.train_dataset)
         trainer.log_metrics("train", metrics)
         trainer.save_metrics("train", metrics)
         trainer.save_state()

@@ -5,6 +5,7 @@ import dataclasses
 import logging
 
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import has_length
 
 from hftune.guards import guard_for
 from hftune.launch import ddp_comm_kwargs
@@ -66,7 +67,8 @@ class HftuneTrainer(Trainer):
 
     def create_scheduler(self, num_training_steps, optimizer=None):
         if self.lr_scheduler is None:
-            per_epoch = updates_per_epoch(len(self.train_dataset), self.args) if self.train_dataset else 1
+            # a stream has no length: check_streaming refuses the schedules that would need one
+            per_epoch = updates_per_epoch(len(self.train_dataset), self.args) if has_length(self.train_dataset) else 1
             self.lr_scheduler = build_scheduler(optimizer or self.optimizer, self.args, num_training_steps, per_epoch)
             self._created_lr_scheduler = True
         return self.lr_scheduler

@@ -14,6 +14,8 @@ Example:
 
 import logging
 import math
+from functools import partial
+from itertools import chain
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -21,7 +23,7 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, default_data_collator
 
-from hftune.data import limit_splits, require_columns
+from hftune.data import apply_batched, is_stream, limit_splits, require_columns
 from hftune.errors import HftuneError
 from hftune.tasks import TaskBundle, load_config, pretrained_source
 
@@ -63,11 +65,11 @@ def tokenize(dataset, tokenizer, text, split, max_length=None, num_proc=None):
     """input_ids per non-empty text, each ending with EOS (unless truncation cut the text short,
     or the tokenizer already added one): the model learns where texts end."""
     eos = tokenizer.eos_token_id
-    dataset = dataset.filter(
-        lambda batch: [t is not None and bool(str(t).strip()) for t in batch[text]],
-        batched=True, num_proc=num_proc, desc=f"dropping empty texts in {split}",
+    dataset = apply_batched(
+        dataset, "filter", lambda batch: [t is not None and bool(str(t).strip()) for t in batch[text]],
+        num_proc=num_proc, desc=f"dropping empty texts in {split}",
     )
-    if len(dataset) == 0:
+    if not is_stream(dataset) and len(dataset) == 0:  # a stream is checked once prepared (build)
         raise HftuneError(f"the {split} split has no non-empty text in text_column '{text}'; check the data.")
 
     def encode(batch):
@@ -76,8 +78,8 @@ def tokenize(dataset, tokenizer, text, split, max_length=None, num_proc=None):
         room = max_length or math.inf
         return {"input_ids": [i + [eos] if len(i) < room and (not i or i[-1] != eos) else i for i in ids]}
 
-    return dataset.map(encode, batched=True, remove_columns=dataset.column_names, num_proc=num_proc,
-                       desc=f"tokenizing {split}")
+    return apply_batched(dataset, "map", encode, num_proc=num_proc, desc=f"tokenizing {split}",
+                         remove_columns=dataset.column_names)
 
 
 def pack_blocks(tokenized, block_size, split):
@@ -100,18 +102,35 @@ def pack_blocks(tokenized, block_size, split):
     return Dataset(pa.table({"input_ids": blocks, "labels": blocks}))
 
 
+def pack_stream(tokenized, block_size, texts_per_batch=1000):
+    """pack_blocks for a stream, as run_clm.py packs: each batch of `texts_per_batch` texts is
+    joined and cut into block_size blocks, its last partial block dropped.
+
+    >>> ds = Dataset.from_dict({"input_ids": [[1, 2, 3], [4, 5], [6, 7, 8]]}).to_iterable_dataset()
+    >>> [row["input_ids"] for row in pack_stream(ds, 3, texts_per_batch=2)]
+    [[1, 2, 3], [6, 7, 8]]
+    """
+    def group(batch):
+        stream = list(chain.from_iterable(batch["input_ids"]))
+        blocks = [stream[i : i + block_size] for i in range(0, len(stream) - block_size + 1, block_size)]
+        return {"input_ids": blocks, "labels": [list(block) for block in blocks]}
+
+    return tokenized.map(group, batched=True, batch_size=texts_per_batch, remove_columns=["input_ids"])
+
+
 def prepare(raw, tokenizer, data_args, length):
     text, workers = data_args.text_column, data_args.preprocessing_num_workers
     prepared = {}
     for split, dataset in raw.items():
         if data_args.concatenate_texts:
             tokenized = tokenize(dataset, tokenizer, text, split, num_proc=workers)
-            prepared[split] = pack_blocks(tokenized, length, split)
+            pack = pack_stream if is_stream(tokenized) else partial(pack_blocks, split=split)
+            prepared[split] = pack(tokenized, length)
         else:
             tokenized = tokenize(dataset, tokenizer, text, split, max_length=length, num_proc=workers)
             # labels padded with -100 by the collator, not masked by token id: with pad == eos,
             # DataCollatorForLanguageModeling(mlm=False) would also hide every real EOS from the loss.
-            prepared[split] = tokenized.map(lambda b: {"labels": b["input_ids"]}, batched=True, num_proc=workers)
+            prepared[split] = apply_batched(tokenized, "map", lambda b: {"labels": b["input_ids"]}, num_proc=workers)
     return prepared
 
 
@@ -140,6 +159,12 @@ def build(model_args, data_args, raw):
     model, tokenizer = load_model_and_tokenizer(model_args)
     length = context_limit(data_args, tokenizer, model)
     prepared = limit_splits(prepare(raw, tokenizer, data_args, length), data_args)  # counts blocks, as run_clm
+    if is_stream(prepared["train"]) and next(iter(prepared["train"]), None) is None:
+        raise HftuneError(
+            f"the train stream yields no example: no non-empty text in text_column '{data_args.text_column}'"
+            + (f", or fewer than block_size={length} tokens per 1,000 texts" if data_args.concatenate_texts else "")
+            + "; check the data or lower block_size."
+        )
     collator = default_data_collator if data_args.concatenate_texts else DataCollatorForSeq2Seq(tokenizer)
     return TaskBundle(
         model=model, processor=tokenizer, train_dataset=prepared.get("train"),

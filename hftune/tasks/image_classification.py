@@ -17,7 +17,7 @@ import torch
 from datasets import ClassLabel, Image
 from transformers import AutoImageProcessor, AutoModelForImageClassification, DefaultDataCollator
 
-from hftune.data import class_names, limit_splits, require_columns
+from hftune.data import class_names, is_stream, label_ids, limit_splits, require_columns
 from hftune.errors import HftuneError
 from hftune.metrics import load_metric
 from hftune.tasks import TaskBundle, load_config, pretrained_source
@@ -34,16 +34,17 @@ class ImageTransform:
         [1]
     """
 
-    def __init__(self, processor, to_id, split_names):
+    def __init__(self, processor, to_id, split_names, split="train"):
         self.processor = processor
         self.to_id = to_id  # class name -> id in the model's head
         self.split_names = split_names  # this split's ClassLabel names (its ids may differ from train's), or None
+        self.split = split
 
     def __call__(self, batch):
         encoded = {"pixel_values": self.processor(batch["pixel_values"], return_tensors="pt")["pixel_values"]}
         if "labels" in batch:
             names = [self.split_names[v] if self.split_names else v for v in batch["labels"]]
-            encoded["labels"] = [self.to_id[str(name)] for name in names]
+            encoded["labels"] = label_ids(names, self.to_id, self.split)
         return encoded
 
 
@@ -60,7 +61,7 @@ def as_images(dataset, split, column):
                 "it must hold PIL images, file paths or bytes."
             ) from None
     try:
-        dataset[0][column]
+        next(iter(dataset))[column] if is_stream(dataset) else dataset[0][column]
     except (OSError, ValueError) as err:  # FileNotFoundError, PIL.UnidentifiedImageError, ...
         raise HftuneError(
             f"image_column '{column}' of the {split} split could not be read as an image ({err}); "
@@ -81,7 +82,9 @@ def prepare(dataset, split, data_args, processor, to_id):
     split_names = list(feature.names) if isinstance(feature, ClassLabel) else None
     dataset = dataset.select_columns(list(columns))
     dataset = dataset.rename_columns({old: new for old, new in columns.items() if old != new})
-    return dataset.with_transform(ImageTransform(processor, to_id, split_names))
+    transform = ImageTransform(processor, to_id, split_names, split)
+    # A stream has no on-the-fly transform: its map runs lazily, batch by batch, as training reads it.
+    return dataset.map(transform, batched=True) if is_stream(dataset) else dataset.with_transform(transform)
 
 
 def load_model(model_args, names):

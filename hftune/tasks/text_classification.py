@@ -6,7 +6,7 @@ import torch
 from datasets import ClassLabel
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
-from hftune.data import class_names, limit_splits, require_columns
+from hftune.data import apply_batched, class_names, label_ids, limit_splits, require_columns
 from hftune.metrics import load_metric
 from hftune.tasks import TaskBundle, load_config, pretrained_source
 
@@ -31,13 +31,14 @@ def load_model(model_args, names):
 
 
 def tokenize_splits(raw, tokenizer, data_args, names):
-    """input_ids (+ pair segments) and `labels` as ids 0..n-1, cached by datasets per split."""
+    """input_ids (+ pair segments) and `labels` as ids 0..n-1: cached by datasets per split, or
+    lazily as training reads a streamed train split."""
     limit = tokenizer.model_max_length
     max_length = min(data_args.max_seq_length or limit, limit)
     text, pair, label = data_args.text_column, data_args.text_pair_column, data_args.label_column
     to_id = {name: i for i, name in enumerate(names)}
 
-    def preprocess(batch, label_feature):
+    def preprocess(batch, label_feature, split):
         first = [t if t is not None else "" for t in batch[text]]
         second = [t if t is not None else "" for t in batch[pair]] if pair else None
         encoded = tokenizer(first, second, truncation=True, max_length=max_length)
@@ -45,13 +46,13 @@ def tokenize_splits(raw, tokenizer, data_args, names):
             values = batch[label]
             if isinstance(label_feature, ClassLabel):
                 values = label_feature.int2str(values)
-            encoded["labels"] = [to_id[str(v)] for v in values]
+            encoded["labels"] = label_ids(values, to_id, split)
         return encoded
 
     return {
-        split: ds.map(preprocess, batched=True, remove_columns=ds.column_names,
-                      fn_kwargs={"label_feature": ds.features.get(label)},
-                      num_proc=data_args.preprocessing_num_workers, desc=f"tokenizing {split}")
+        split: apply_batched(ds, "map", preprocess, num_proc=data_args.preprocessing_num_workers,
+                             desc=f"tokenizing {split}", remove_columns=ds.column_names,
+                             fn_kwargs={"label_feature": ds.features.get(label), "split": split})
         for split, ds in raw.items()
     }
 
