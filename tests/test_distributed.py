@@ -90,7 +90,7 @@ STRATEGIES = {
     "deepspeed_fp16_comm": ("ddp.yaml", ["--deepspeed", "deepspeed_configs/zero2_comm_fp16.json"], 1e-3,
                             "ZeRO-2 reduces gradients in fp16"),
 }
-RESUMED = ("ddp", "zero2", "zero3")  # also resumed from checkpoint-2: the rest must be bit-identical
+RESUMED = ("ddp", "zero1", "zero2", "zero3")  # also resumed from checkpoint-2: the rest must be bit-identical
 
 
 @pytest.mark.parametrize("name", STRATEGIES)
