@@ -1,8 +1,9 @@
 """engine: pipeline: DeepSpeed pipeline stages over gloo, launched for real with
-accelerate_configs/deepspeed_pipeline.yaml. Each run is compared with a single-process Trainer
-run on the same rows (sequential sampling, dropout off), so a wrong cut, a lost gradient between
-stages, an untied embedding or a wrong data share shows up as a different loss."""
+accelerate_configs/deepspeed_pipeline.yaml. Each run is compared with a single-process run of
+another engine on the same rows (sequential sampling, dropout off), so a wrong cut, a lost gradient
+between stages, an untied embedding or a wrong data share shows up as a different loss."""
 
+import json
 import os
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from test_causal_lm import tiny_llama, tweet_jsonl, tweet_texts  # noqa: F401 (f
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def launch(num_processes, args, probe_dir):
+def launch(num_processes, args, probe_dir, deepspeed_json=None):
     """accelerate launch of tests/rank_probe.py (hftune's run.py, recording each rank's rows) from
     the repository root, where the accelerate config finds deepspeed_configs/pipeline.json."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HFTUNE_PROBE_DIR": str(probe_dir)}
@@ -31,10 +32,13 @@ def launch(num_processes, args, probe_dir):
     os.makedirs(probe_dir, exist_ok=True)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            os.path.join(REPO, "accelerate_configs", "deepspeed_pipeline.yaml"), "--num_processes", str(num_processes),
-           "--main_process_port", "0", os.path.join(REPO, "tests", "rank_probe.py"), *args, "--engine", "pipeline"]
+           "--main_process_port", "0"]
+    if deepspeed_json is not None:
+        cmd += ["--deepspeed_config_file", str(deepspeed_json)]
+    cmd += [os.path.join(REPO, "tests", "rank_probe.py"), *args, "--engine", "pipeline"]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    return [read_json(os.path.join(probe_dir, f"rank{r}.json")) for r in range(num_processes)]
+    return [read_json(os.path.join(probe_dir, f"rank{r}.json")) for r in range(num_processes)], result.stdout
 
 
 def llama_args(model, data, out, **overrides):
@@ -66,13 +70,33 @@ def tiny_llama_tied(tmp_path_factory, tiny_llama):  # noqa: F811
 
 
 @pytest.fixture(scope="module")
+def tiny_gpt2(tmp_path_factory, tiny_llama):  # noqa: F811
+    """A 2-layer GPT-2 (tied embeddings, learned positions, dropout off) with the tiny Llama's tokenizer."""
+    path = tmp_path_factory.mktemp("tiny-gpt2")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
 def tied_run(tmp_path_factory, tiny_llama_tied, tweet_jsonl):  # noqa: F811
-    """2 stages on 2 processes: 6 steps, checkpoints at 3 and 6, evaluation at the end."""
+    """2 stages on 2 processes: 6 steps, checkpoints at 3 and 6, evaluation at the end. The shipped
+    JSON, partitioned by layer type so that the last stage holds the tied head alone (a stage with
+    no norm weight: its no-decay parameter group would be empty)."""
     root = tmp_path_factory.mktemp("pipeline-tied")
+    config = read_json(os.path.join(REPO, "deepspeed_configs", "pipeline.json"))
+    config["pipeline"]["partition"] = "type:Embedding"  # both ends are Embedding layers: [0, 4) and [4, 5)
+    (root / "pipeline.json").write_text(json.dumps(config))
     args = llama_args(tiny_llama_tied, tweet_jsonl, str(root / "out"), do_eval="true", save_strategy="steps",
                       save_steps=3)
-    ranks = launch(2, args, root / "probe")
-    return dict(args=args, out=str(root / "out"), ranks=ranks, model=tiny_llama_tied)
+    ranks, log = launch(2, args, root / "probe", root / "pipeline.json")
+    return dict(args=args, out=str(root / "out"), ranks=ranks, log=log, model=tiny_llama_tied,
+                json=root / "pipeline.json")
 
 
 def test_two_stages_match_one_process(tied_run, tmp_path):
@@ -80,6 +104,7 @@ def test_two_stages_match_one_process(tied_run, tmp_path):
     gradients from the first stage (input) and the last (output) are summed."""
     ranks = tied_run["ranks"]
     assert [r["world_size"] for r in ranks] == [2, 2]
+    assert "2 stages x 1 data-parallel replicas, layers per stage [4, 1]" in tied_run["log"]
     assert ranks[0]["rows"] == ranks[1]["rows"]  # first stage reads the inputs, last stage the same rows' labels
     main([*tied_run["args"], f"--output_dir={tmp_path / 'one'}", "--engine=trainer"])
     pipe, one = history(tied_run["out"]), history(tmp_path / "one")
@@ -102,7 +127,8 @@ def test_saved_model_is_the_trained_tied_checkpoint(tied_run, tweet_jsonl, tmp_p
     # embedding, 2 blocks, final norm; the tied head has no file of its own).
     state = f"{out}/checkpoint-6/pipeline_state"
     layers = [torch.load(f"{state}/layer_{i:02d}-model_states.pt", weights_only=True) for i in range(4)]
-    expected = {"model.embed_tokens.weight": layers[0]["embedding.weight"], "model.norm.weight": layers[3]["norm.weight"]}
+    expected = {"model.embed_tokens.weight": layers[0]["embedding.weight"],
+                "model.norm.weight": layers[3]["norm.weight"]}
     for block in (0, 1):
         expected.update({f"model.layers.{block}.{k[len('layer.'):]}": v for k, v in layers[block + 1].items()})
     assert set(expected) == set(saved)
@@ -118,16 +144,19 @@ def test_resume_continues_exactly(tied_run, tmp_path):
     """Resuming at step 3 ends with the uninterrupted run's losses and weights."""
     args = [*tied_run["args"], f"--output_dir={tmp_path / 'resumed'}",
             f"--resume_from_checkpoint={tied_run['out']}/checkpoint-3"]
-    launch(2, args, tmp_path / "probe")
+    launch(2, args, tmp_path / "probe", tied_run["json"])
     assert logged_losses(tmp_path / "resumed") == pytest.approx(logged_losses(tied_run["out"]), abs=1e-6)
-    resumed, straight = load_file(tmp_path / "resumed/model.safetensors"), load_file(f"{tied_run['out']}/model.safetensors")
+    resumed = load_file(tmp_path / "resumed/model.safetensors")
+    straight = load_file(f"{tied_run['out']}/model.safetensors")
     assert all(torch.allclose(resumed[k], straight[k], atol=1e-6) for k in straight)
 
 
-def test_two_stages_by_two_replicas(tiny_llama, tweet_jsonl, tmp_path):  # noqa: F811
-    """4 processes = 2 stages x 2 data-parallel replicas: each replica reads its own rows (both of its
-    stages the same ones), and 2 micro-batches of 2 on each replica equal one process's 2 of 4."""
-    ranks = launch(4, llama_args(tiny_llama, tweet_jsonl, str(tmp_path / "pipe"), max_steps=4, pipeline_stages=2,
+def test_two_stages_by_two_replicas(tiny_gpt2, tweet_jsonl, tmp_path):  # noqa: F811
+    """4 processes = 2 stages x 2 data-parallel replicas of GPT-2: each replica reads its own rows (both
+    of its stages the same ones), and 2 micro-batches of 2 on each replica equal one process's 2 of 4.
+    Reference: engine accelerate, whose loss is GPT-2's own; Trainer counts GPT-2's label tokens
+    unshifted (its loss_type is unset), which scales its loss by (block_size - 1) / block_size."""
+    ranks, _ = launch(4, llama_args(tiny_gpt2, tweet_jsonl, str(tmp_path / "pipe"), max_steps=4, pipeline_stages=2,
                                  per_device_train_batch_size=2), tmp_path / "probe")
     assert [r["world_size"] for r in ranks] == [4] * 4
     readers = defaultdict(list)
@@ -136,7 +165,7 @@ def test_two_stages_by_two_replicas(tiny_llama, tweet_jsonl, tmp_path):  # noqa:
     assert sorted(len(r) for r in readers.values()) == [2, 2], readers.values()  # two replicas, two readers each
     first, second = (set(rows) for rows in readers)
     assert not first & second and len(first | second) == 4 * 8  # 4 steps of 8 distinct rows
-    main(llama_args(tiny_llama, tweet_jsonl, str(tmp_path / "one"), max_steps=4, engine="trainer"))
+    main(llama_args(tiny_gpt2, tweet_jsonl, str(tmp_path / "one"), max_steps=4, engine="accelerate"))
     assert logged_losses(tmp_path / "pipe") == pytest.approx(logged_losses(tmp_path / "one"), abs=1e-4)
 
 
@@ -149,7 +178,8 @@ def test_bert_classifier_two_stages(tiny_bert, tweets_csv, tmp_path):
         max_seq_length=32, max_steps=6, per_device_train_batch_size=8, gradient_accumulation_steps=2,
         learning_rate=1e-3, warmup_steps=0, logging_steps=1, seed=7, train_sampling_strategy="sequential",
         eval_strategy="no", save_strategy="no", report_to="none", disable_tqdm="true"), {})
-    launch(2, [*flags, f"--output_dir={tmp_path / 'pipe'}"], tmp_path / "probe")
+    ranks, _ = launch(2, [*flags, f"--output_dir={tmp_path / 'pipe'}"], tmp_path / "probe")
+    assert [r["world_size"] for r in ranks] == [2, 2]
     main([*flags, f"--output_dir={tmp_path / 'one'}"])
     assert logged_losses(tmp_path / "pipe") == pytest.approx(logged_losses(tmp_path / "one"), abs=1e-4)
     pipe, one = read_json(tmp_path / "pipe/all_results.json"), read_json(tmp_path / "one/all_results.json")
@@ -178,8 +208,8 @@ MODELS = {
     "gpt2": lambda: GPT2LMHeadModel(GPT2Config(vocab_size=300, n_positions=64, n_embd=32, n_layer=2, n_head=2)),
     "llama": lambda: LlamaForCausalLM(LlamaConfig(**TINY, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                                   num_attention_heads=4, num_key_value_heads=2)),
-    "bert": lambda: BertForSequenceClassification(BertConfig(**TINY, hidden_size=32, num_hidden_layers=2,
-                                                             num_attention_heads=2, intermediate_size=64, num_labels=3)),
+    "bert": lambda: BertForSequenceClassification(BertConfig(
+        **TINY, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, num_labels=3)),
 }
 
 
@@ -200,6 +230,13 @@ def test_layers_reproduce_the_model(name):
     assert torch.allclose(got, expected, atol=1e-6)
 
 
+@pytest.fixture
+def deepspeed_launch(monkeypatch):
+    """What accelerate launch with deepspeed_pipeline.yaml sets, for a single in-process run."""
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", os.path.join(REPO, "deepspeed_configs", "pipeline.json"))
+
+
 def fail(capsys, argv):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
@@ -215,12 +252,13 @@ def fail(capsys, argv):
                               "pipeline_stages=8"),
     (dict(label_smoothing_factor=0.1), "engine: pipeline does not support label smoothing"),
 ])
-def test_bad_pipeline_settings(capsys, tiny_llama, tweet_jsonl, tmp_path, flags, message):  # noqa: F811
+def test_bad_pipeline_settings(capsys, deepspeed_launch, tiny_llama, tweet_jsonl,  # noqa: F811
+                               tmp_path, flags, message):
     line = fail(capsys, llama_args(tiny_llama, tweet_jsonl, str(tmp_path / "out"), engine="pipeline", **flags))
     assert message in line
 
 
-def test_unsupported_model_names_the_supported_ones(capsys, tiny_resnet, digit_folders, tmp_path):
+def test_unsupported_model_names_the_supported_ones(capsys, deepspeed_launch, tiny_resnet, digit_folders, tmp_path):
     train, validation = digit_folders
     line = fail(capsys, ["--config", "image_classification", "--model_name_or_path", tiny_resnet, "--train_file",
                          str(train), "--validation_file", str(validation), "--output_dir", str(tmp_path / "out"),

@@ -21,7 +21,6 @@ per-stage state in `pipeline_state/` beside the HF weights.
 
 import copy
 import glob
-import json
 import logging
 import math
 import os
@@ -29,9 +28,9 @@ import shutil
 import socket
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
+import datasets
 import numpy as np
 import torch
 import torch.distributed as torch_dist
@@ -50,6 +49,8 @@ from transformers.trainer_utils import EvalPrediction, TrainOutput, speed_metric
 
 from hftune.engines import TRAINER_ONLY, UNSET
 from hftune.errors import HftuneError
+from hftune.guards import CAUSES
+from hftune.launch import deepspeed_config, pipeline_stages
 from hftune.optim import SCHEDULES, build_optimizer, build_scheduler, describe_strategy, name_of
 
 logger = logging.getLogger("hftune")
@@ -268,10 +269,7 @@ def check_pipeline_args(args):
         raise HftuneError("save_strategy: best needs engine: trainer; use steps or epoch.")
 
 
-def resolve_stages(args, config, world_size, num_layers):
-    """pipeline_stages, else the DeepSpeed JSON's pipeline.stages, else one stage per process."""
-    stages = args.pipeline_stages or config.get("pipeline", {}).get("stages", "auto")
-    stages = world_size if stages == "auto" else int(stages)
+def check_stages(stages, world_size, num_layers):
     if stages < 1:
         raise HftuneError(f"pipeline_stages must be >= 1, got {stages}.")
     if num_layers < stages:
@@ -280,21 +278,6 @@ def resolve_stages(args, config, world_size, num_layers):
     if world_size % stages:
         raise HftuneError(f"{world_size} processes cannot be split into pipelines of {stages} stages; launch a "
                           f"multiple of {stages} processes or set pipeline_stages to a divisor of {world_size}.")
-    return stages
-
-
-def load_deepspeed_config(args):
-    """The DeepSpeed JSON of the launch (accelerate's deepspeed_config_file, or `deepspeed:`);
-    without one, ZeRO-1 with DeepSpeed's pipeline defaults."""
-    source = args.deepspeed or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
-    if isinstance(source, dict):
-        return copy.deepcopy(source)
-    if not source or source == "none":
-        return {"zero_optimization": {"stage": 1}, "steps_per_print": 10**9}
-    if not os.path.isfile(source):
-        raise HftuneError(f"DeepSpeed config '{source}' not found (relative paths start at the working directory "
-                          f"{os.getcwd()}); launch from the repository root or give an absolute path.")
-    return json.loads(Path(source).read_text())
 
 
 def _leftover_auto(config, prefix=""):
@@ -306,31 +289,23 @@ def _leftover_auto(config, prefix=""):
 
 
 def fill_deepspeed_config(config, args, data_parallel):
-    """TrainingArguments own batch sizes, accumulation, clipping and precision: "auto" takes their
-    values, and an explicit different value is an error (one owner per value)."""
+    """The values TrainingArguments own (batch sizes, accumulation, clipping, precision) replace
+    "auto"; hftune.launch has already refused explicit ones that disagree, and the optimizer blocks."""
     micro, accumulation = args.per_device_train_batch_size, args.gradient_accumulation_steps
     owned = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accumulation,
              "train_batch_size": micro * accumulation * data_parallel, "gradient_clipping": args.max_grad_norm}
     for key, value in owned.items():
-        if config.setdefault(key, "auto") == "auto":
+        if config.get(key, "auto") == "auto":
             config[key] = value
-        elif config[key] != value:
-            raise HftuneError(f"the DeepSpeed config sets {key}={config[key]} but the training arguments give "
-                              f"{value}; set it to \"auto\" in the JSON.")
     for precision in ("fp16", "bf16"):
         block = config.setdefault(precision, {})
         if block.get("enabled", "auto") == "auto":
             block["enabled"] = bool(getattr(args, precision))
-    for block in ("optimizer", "scheduler"):
-        if block in config:
-            raise HftuneError(f"the DeepSpeed config has a '{block}' block; engine: pipeline takes optim and "
-                              "lr_scheduler_type from the config instead: remove the block.")
     leftover = list(_leftover_auto(config))
     if leftover:
         raise HftuneError(f"the DeepSpeed config leaves {leftover} as \"auto\", which engine: pipeline cannot "
                           "fill; give them values.")
-    if config.get("zero_optimization", {}).get("stage", 0) > 1:
-        raise HftuneError("DeepSpeed pipelines combine with ZeRO stage 0 or 1 only; set zero_optimization.stage 1.")
+    config.setdefault("steps_per_print", 10**9)  # hftune logs the loss itself
     config["zero_allow_untested_optimizer"] = True  # hftune's registry optimizers are plain torch ones
     return config
 
@@ -361,11 +336,14 @@ class PipelineEngine:
 
     def __init__(self, bundle, args):
         check_pipeline_args(args)
+        if isinstance(bundle.train_dataset, datasets.IterableDataset):
+            raise HftuneError("engine: pipeline samples each replica's rows from a loaded data set; drop streaming.")
         self.bundle, self.args, self.model = bundle, args, bundle.model
         self.family = family_of(self.model)
         layers = self.family.layers(self.model)
-        config = load_deepspeed_config(args)
-        stages = resolve_stages(args, config, args.world_size, len(layers))
+        config = copy.deepcopy(deepspeed_config(args) or {})  # hftune.launch refused a launch without one
+        stages = pipeline_stages(args, config)
+        check_stages(stages, args.world_size, len(layers))
         set_seed(args.seed)
         init_distributed()
         from deepspeed.pipe import PipelineModule
@@ -457,10 +435,7 @@ class PipelineEngine:
                               "lower per_device_train_batch_size or gradient_accumulation_steps.")
         max_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * per_epoch)
         epochs = math.ceil(max_steps / per_epoch)
-        optimizer = build_optimizer(self.module, args)  # this stage's parameters only
-        # A stage may have no bias/norm (or no decayed) parameter: drop the empty group now, as DeepSpeed
-        # would after the schedule has counted it.
-        optimizer.param_groups[:] = [group for group in optimizer.param_groups if group["params"]]
+        optimizer = self._fill_empty_groups(build_optimizer(self.module, args))  # this stage's parameters only
         for line in describe_strategy(self.module, optimizer, args):
             logger.info(line)
         self._initialize(optimizer, build_scheduler(optimizer, args, max_steps, per_epoch))
@@ -468,6 +443,19 @@ class PipelineEngine:
         self.state.train_batch_size = args.per_device_train_batch_size
         self.state.compute_steps(args, max_steps)
         return per_epoch, max_steps, epochs
+
+    def _fill_empty_groups(self, optimizer):
+        """ZeRO all-reduces the gradient norm across stages once per parameter group, so every stage
+        needs the same groups (DeepSpeed drops empty ones, and the stages then hang): a stage without
+        norm weights or biases (an embedding alone) gets a one-element placeholder in its no-decay
+        group. It takes no part in the forward pass: its gradient is zero and it stays zero."""
+        device = next(self.module.parameters()).device
+        for index, group in enumerate(optimizer.param_groups):
+            if not group["params"]:
+                placeholder = nn.Parameter(torch.zeros(1, device=device))
+                self.module.register_parameter(f"group_{index}_placeholder", placeholder)
+                group["params"].append(placeholder)
+        return optimizer
 
     def _resume(self, checkpoint, per_epoch):
         """Stage weights, optimizer and schedule from checkpoint-N; returns (epochs done, steps into the epoch)."""
@@ -487,6 +475,7 @@ class PipelineEngine:
         per_epoch, max_steps, epochs = self._setup_training()
         epochs_done, steps_done = self._resume(resume_from_checkpoint, per_epoch)
         self._tr_loss, self._total_loss, self._last_logged = 0.0, 0.0, self.state.global_step
+        self._bad_in_a_row = 0
         first_step, start = self.state.global_step, time.time()
         self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
         for epoch in range(epochs_done, epochs):
@@ -508,6 +497,7 @@ class PipelineEngine:
             self._learning_rate = self.engine.get_lr()[0]  # the rate this step uses (DeepSpeed steps the schedule)
             self._tr_loss += self.engine.train_batch(batches).item()  # mean over micro-batches and replicas
             self.state.global_step += 1
+            self._guard(self.engine.get_global_grad_norm())
             self.state.epoch = epoch + (step + 1) / per_epoch
             self.control = self.callback_handler.on_step_end(args, self.state, self.control)
             self._maybe_log_save_evaluate()
@@ -515,6 +505,23 @@ class PipelineEngine:
                 break
         self.control = self.callback_handler.on_epoch_end(args, self.state, self.control)
         self._maybe_log_save_evaluate()
+
+    def _guard(self, grad_norm):
+        """ZeRO skips an update whose gradient holds NaN/inf (the norm then reads inf); as the other
+        engines' guard does, the run stops after max_nonfinite_steps such steps in a row (at the first
+        with skip_nonfinite_steps: false). fp16's loss scaler expects overflows: no guard there."""
+        args = self.args
+        if args.max_nonfinite_steps == 0 or args.fp16 or grad_norm is None or math.isfinite(grad_norm):
+            self._bad_in_a_row = 0
+            return
+        self._bad_in_a_row += 1
+        message = (f"non-finite gradient (NaN or inf) at step {self.state.global_step}; likely causes: "
+                   f"{'; '.join(CAUSES)}")
+        if not args.skip_nonfinite_steps or self._bad_in_a_row >= args.max_nonfinite_steps:
+            raise HftuneError(f"{message}. Stopped after {self._bad_in_a_row} such step(s) in a row; "
+                              "the last checkpoint in output_dir predates them.")
+        if self.is_world_process_zero():
+            logger.warning(f"{message}; DeepSpeed skipped this update ({self._bad_in_a_row} in a row).")
 
     def _maybe_log_save_evaluate(self):
         if self.control.should_log and self.state.global_step > self._last_logged:
