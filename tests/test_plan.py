@@ -109,8 +109,8 @@ def test_pipeline_stages_default_to_every_process(capsys):
 def test_plan_refuses_what_the_launch_would_refuse(capsys):
     """parse_config sees the launch's environment (here FSDP), so hftune's launch checks apply; the
     variables are gone afterwards."""
-    line = fail(capsys, ["--config_file", config_file("fsdp"), "--engine", "accelerate"])
-    assert "engine: accelerate" in line and "FSDP" in line
+    line = fail(capsys, ["--config_file", config_file("fsdp"), "--optim", "lbfgs", "--weight_decay", "0"])
+    assert "lbfgs" in line and "FSDP" in line
     line = fail(capsys, ["--config_file", config_file("deepspeed_zero2"), "--engine", "pipeline"])
     assert "pipeline" in line and "ZeRO-2" in line
     assert "ACCELERATE_USE_FSDP" not in os.environ and "ACCELERATE_DEEPSPEED_CONFIG_FILE" not in os.environ

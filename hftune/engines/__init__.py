@@ -7,6 +7,7 @@ import logging
 import os
 from pathlib import Path
 
+from hftune.data import is_stream, shuffle_stream
 from hftune.errors import HftuneError
 from hftune.launch import check_launch_config
 from hftune.optim import check_strategy, name_of, optimizer_spec, updates_per_epoch
@@ -61,24 +62,61 @@ ACCELERATE_SAMPLING = ("random", "sequential", "group_by_length")
 
 
 def _check_accelerate_engine(args):
+    import torch
+
+    from hftune.engines.fsdp import check_cpu_fsdp, fsdp_launch
+
+    cpu_fsdp = fsdp_launch() and not torch.accelerator.is_available()
+    # Without GPUs an FSDP launch runs on this engine only (choose_engine_for_fsdp): Trainer is no remedy there.
+    trainer_only = "is implemented by Trainer's loop only"
+    use_trainer, needs_trainer = "use engine: trainer or ", "needs engine: trainer"
+    if cpu_fsdp:
+        trainer_only += ", which cannot shard without GPUs"
+        use_trainer, needs_trainer = "", trainer_only
     for name in TRAINER_ONLY:
         if getattr(args, name, None) not in UNSET:
-            raise HftuneError(f"{name} is implemented by Trainer's loop only; use engine: trainer or drop {name}.")
+            raise HftuneError(f"{name} {trainer_only}; {use_trainer}drop {name}.")
     if args.train_sampling_strategy not in ACCELERATE_SAMPLING:
         raise HftuneError(f"engine: accelerate supports train_sampling_strategy {list(ACCELERATE_SAMPLING)}.")
     if args.save_strategy == "best":
-        raise HftuneError("save_strategy: best needs engine: trainer; use steps or epoch.")
-    if uses_deepspeed(args) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
-        raise HftuneError("engine: accelerate runs single-device and DDP launches; "
-                          "use engine: trainer for DeepSpeed/FSDP.")
+        raise HftuneError(f"save_strategy: best {needs_trainer}; use steps or epoch.")
+    if uses_deepspeed(args):
+        raise HftuneError("engine: accelerate runs single-device, DDP and FSDP launches; "
+                          "use engine: trainer for DeepSpeed.")
     if name_of(args.lr_scheduler_type) == "greedy":
-        raise HftuneError("lr_scheduler_type greedy needs engine: trainer; reduce_on_plateau works in both engines.")
+        raise HftuneError(f"lr_scheduler_type greedy {needs_trainer}; reduce_on_plateau works in both engines.")
+    if fsdp_launch() and getattr(optimizer_spec(args), "needs_closure", False):
+        raise HftuneError(f"optim {name_of(args.optim)} cannot run under FSDP: its line search works on whole "
+                          "gradients, FSDP shards them; launch with accelerate_configs/ddp.yaml.")
+    if cpu_fsdp:
+        check_cpu_fsdp(args)
+
+
+def choose_engine_for_fsdp(args):
+    """An FSDP launch on a machine without GPUs runs on engine: accelerate. accelerate enables FSDP for
+    GPU launches only, so under Trainer (use_cpu) it silently trains plain DDP, every process holding
+    the whole model; the accelerate engine applies FSDP2 itself (hftune/engines/fsdp.py)."""
+    import torch
+
+    from hftune.engines.fsdp import fsdp_launch
+
+    if torch.accelerator.is_available():
+        return
+    if args.fsdp not in UNSET:
+        raise HftuneError("the recipe's fsdp needs GPUs (without them Trainer trains plain DDP); drop it and "
+                          "launch with --config_file accelerate_configs/fsdp.yaml, which shards on CPU too.")
+    if fsdp_launch() and args.engine == "trainer":
+        args.engine = "accelerate"
+        if os.environ.get("RANK", "0") == "0":  # one line per launch, not per process
+            logger.warning("FSDP launch without GPUs: using engine: accelerate, which applies FSDP2 itself "
+                           "(Trainer cannot shard on CPU: accelerate falls back to DDP there).")
 
 
 def check_training_strategy(args):
     """Everything about the strategy that can be checked from the config alone."""
     if args.engine not in ENGINES:
         raise HftuneError(f"unknown engine '{args.engine}'; choose one of {list(ENGINES)}.")
+    choose_engine_for_fsdp(args)
     check_strategy(args)
     check_launch_config(args)
     if args.engine == "accelerate":
@@ -127,7 +165,10 @@ def check_resume(args, checkpoint):
     """Each engine resumes only its own checkpoints (their optimizer and RNG states differ in layout)."""
     if checkpoint is None:
         return
-    written_by = "accelerate" if os.path.isdir(os.path.join(checkpoint, "engine_state")) else "trainer"
+    written_by = "trainer"
+    for engine, folder in (("accelerate", "engine_state"), ("pipeline", "pipeline_state")):
+        if os.path.isdir(os.path.join(checkpoint, folder)):
+            written_by = engine
     if written_by != args.engine:
         raise HftuneError(f"{checkpoint} was written by engine: {written_by}; resume it with engine: {written_by}, "
                           "or start fresh in another output_dir.")
@@ -143,7 +184,14 @@ def build_engine(bundle, args, checkpoint=None):
     if frozen:
         logger.info(f"BatchNorm: {frozen} layers, running stats frozen={args.freeze_bn_stats}, "
                     f"affine frozen={args.freeze_bn_affine}")
-    if args.do_train and bundle.train_dataset is not None:
+    if is_stream(bundle.train_dataset):
+        # Each process then reads its own rows of the stream (accelerate gives it its own shards, or its
+        # slice of every global batch); left at None, accelerate's default for iterable data has rank 0
+        # read every batch and send each process its slice.
+        if args.accelerator_config.dispatch_batches is None:
+            args.accelerator_config.dispatch_batches = False
+        bundle.train_dataset = shuffle_stream(bundle.train_dataset, args)
+    elif args.do_train and bundle.train_dataset is not None:
         resolve_full_batch(args, len(bundle.train_dataset))
     if args.engine == "accelerate":
         from hftune.engines.accelerate_loop import AccelerateEngine

@@ -9,6 +9,8 @@ Differences from Trainer: under gradient accumulation and DDP each micro-batch's
 equally (Trainer weighs a causal LM's tokens across micro-batches and processes, which differs
 only when batches hold different numbers of tokens, e.g. `concatenate_texts: false`);
 checkpoints hold the model plus `engine_state/` from `Accelerator.save_state`.
+FSDP: on GPUs `accelerator.prepare` applies it; on a machine without GPUs accelerate cannot, so the
+engine shards the model itself with FSDP2 (hftune/engines/fsdp.py) before building the optimizer.
 """
 
 import glob
@@ -34,6 +36,7 @@ from transformers.trainer_callback import (
 from transformers.trainer_pt_utils import LabelSmoother, LengthGroupedSampler, log_metrics, save_metrics, save_state
 from transformers.trainer_utils import EvalPrediction, TrainOutput, seed_worker, speed_metrics
 
+from hftune.engines.fsdp import cpu_fsdp_for
 from hftune.guards import guard_for
 from hftune.optim import (
     WarmupReduceLROnPlateau, build_optimizer, build_scheduler, describe_strategy, optimizer_spec,
@@ -75,6 +78,7 @@ class AccelerateEngine:
         # Trainer reseeds here too, so both engines draw the same data order and dropout masks.
         enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
         self.accelerator = make_accelerator(args, isinstance(bundle.model, PreTrainedModel))
+        self.fsdp = cpu_fsdp_for(self.accelerator)  # None unless FSDP on CPU: then the model stays out of prepare
         self.model = bundle.model
         self.is_causal = type(self.model).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
         self.label_smoother = LabelSmoother(args.label_smoothing_factor) if args.label_smoothing_factor else None
@@ -148,10 +152,13 @@ class AccelerateEngine:
         """Forward/backward over the micro-batches of one update; DDP syncs on the last only."""
         for i, batch in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
-            with nullcontext() if last else self.accelerator.no_sync(self.model):
+            with nullcontext() if last else self._no_sync():
                 loss = self.penalties.add_to(self.compute_loss(self.model, batch)[0]) / len(micro_batches)
                 self.accelerator.backward(loss)
             self._add_to_logged_loss(loss.detach())
+
+    def _no_sync(self):
+        return self.fsdp.no_sync(self.model) if self.fsdp else self.accelerator.no_sync(self.model)
 
     def _add_to_logged_loss(self, loss):
         if self.args.logging_nan_inf_filter and not torch.isfinite(loss):
@@ -182,6 +189,8 @@ class AccelerateEngine:
             self._grad_norm = self.accelerator.clip_grad_norm_(params, args.max_grad_norm, args.max_grad_norm_type)
         else:  # the norm is logged either way, as Trainer does
             self._grad_norm = self.accelerator.clip_grad_norm_(params, float("inf"))
+        if hasattr(self._grad_norm, "full_tensor"):  # FSDP on CPU: a replicated DTensor; the guard wants a tensor
+            self._grad_norm = self._grad_norm.full_tensor()
         if self.guard is not None:  # a skipped update leaves no gradient, so optimizer.step() passes over it
             self.guard.check(self.model.parameters(), self.state.global_step + 1, self._grad_norm)
         clip_grad_value_(self.model.parameters(), args.max_grad_value)  # gradients are unscaled by now
@@ -216,11 +225,14 @@ class AccelerateEngine:
             self.model.activation_checkpointing_enable(
                 activation_checkpointing_kwargs=kwargs or None, every_n_layers=kwargs.pop("every_n_layers", 1),
                 offload=kwargs.pop("offload", False))
+        if self.fsdp:  # before the optimizer, which must hold the sharded parameters
+            self.model = self.fsdp.shard(self.model)
         self.optimizer = build_optimizer(self.model, args)
         for line in describe_strategy(self.model, self.optimizer, args, self.penalties):
             logger.info(line)
         self.lr_scheduler = build_scheduler(self.optimizer, args, max_steps, per_epoch)
-        self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        if not self.fsdp:  # prepare would wrap a CPU-sharded model in DDP; the raw optimizer is saved by fsdp
+            self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
         self.accelerator.register_for_checkpointing(self.lr_scheduler)
         self.callback_handler.model, self.callback_handler.optimizer = self.model, self.optimizer
         self.callback_handler.lr_scheduler = self.lr_scheduler
@@ -234,6 +246,8 @@ class AccelerateEngine:
         if checkpoint is None:
             return 0, 0
         self.accelerator.load_state(os.path.join(checkpoint, ENGINE_STATE))
+        if self.fsdp:
+            self.fsdp.load_state(self.model, self.optimizer, os.path.join(checkpoint, ENGINE_STATE))
         loaded = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
         for key in ("global_step", "epoch", "log_history", "best_metric", "best_global_step"):
             setattr(self.state, key, getattr(loaded, key))
@@ -322,7 +336,7 @@ class AccelerateEngine:
         dataset = self.bundle.eval_dataset if eval_dataset is None else eval_dataset
         loader = self._dataloader(dataset, training=False)
         if self.optimizer is None:  # evaluation without training: place the model once
-            self.model = self.accelerator.prepare(self.model)
+            self.model = self.fsdp.shard(self.model) if self.fsdp else self.accelerator.prepare(self.model)
         self.model.eval()
         start, losses, logits, labels = time.time(), [], [], []
         for batch in loader:
@@ -357,9 +371,11 @@ class AccelerateEngine:
         """A plain HF checkpoint (safetensors + config + processor) that from_pretrained loads."""
         output_dir = output_dir or self.args.output_dir
         self.accelerator.wait_for_everyone()
+        # Under FSDP both gather the whole model onto rank 0 (every process takes part).
+        state_dict = self.fsdp.full_state_dict(self.model) if self.fsdp else self.accelerator.get_state_dict(self.model)
         self.accelerator.unwrap_model(self.model).save_pretrained(
             output_dir, is_main_process=self.accelerator.is_main_process, save_function=self.accelerator.save,
-            state_dict=self.accelerator.get_state_dict(self.model),
+            state_dict=state_dict,
         )
         if self.accelerator.is_main_process and self.bundle.processor is not None:
             self.bundle.processor.save_pretrained(output_dir)
@@ -368,6 +384,8 @@ class AccelerateEngine:
         path = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
         self.save_model(path)
         self.accelerator.save_state(os.path.join(path, ENGINE_STATE))
+        if self.fsdp:  # model and optimizer are not the accelerator's to save here
+            self.fsdp.save_state(self.model, self.optimizer, os.path.join(path, ENGINE_STATE))
         if self.accelerator.is_main_process:
             self.state.save_to_json(os.path.join(path, "trainer_state.json"))
             self._rotate_checkpoints()

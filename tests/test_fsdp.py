@@ -1,0 +1,216 @@
+"""FSDP on a machine without GPUs: `accelerate launch --config_file accelerate_configs/fsdp.yaml` runs
+engine: accelerate (chosen for you, with a line saying why), which shards the model with FSDP2
+itself: each process holds half of every parameter and reads its own rows, the losses equal a
+single-process run's, the saved model is a full checkpoint from_pretrained loads, checkpoints
+resume exactly, and what the CPU path cannot honour is refused before anything loads."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from conftest import logged_losses, read_json
+from hftune.assets import resolve_model
+from hftune.errors import HftuneError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SWITCH_LINE = "FSDP launch without GPUs: using engine: accelerate"
+pytestmark = pytest.mark.skipif(torch.accelerator.is_available(),
+                                reason="the GPU-less path (with GPUs, accelerate applies FSDP itself)")
+
+
+def launch(config, num_processes, args, tmp_path, script="hftune/run.py", launch_flags=(), probe_dir=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if probe_dir is not None:
+        env["HFTUNE_PROBE_DIR"] = str(probe_dir)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           os.path.join(REPO, "accelerate_configs", config), "--num_processes", str(num_processes),
+           "--main_process_port", "0", *launch_flags, os.path.join(REPO, script), *map(str, args)]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def bert_args(tiny_bert, tweets_csv, **overrides):
+    settings = dict(model_name_or_path=tiny_bert, train_file=tweets_csv[0], validation_file=tweets_csv[1],
+                    label_column="sentiment", report_to="none", max_seq_length=32, max_steps=8, logging_steps=1,
+                    learning_rate=1e-3, disable_tqdm="true", seed=7, train_sampling_strategy="sequential",
+                    do_eval="false", eval_strategy="no", warmup_steps=0)
+    settings.update(overrides)
+    return [f"--{key}={value}" for key, value in settings.items()]
+
+
+def test_fsdp_launch_shards_and_matches_one_process(tiny_bert, tweets_csv, tmp_path):
+    # Accumulation exercises FSDP's local accumulation (no reduce-scatter until the last micro-batch),
+    # max_grad_value the clamp of sharded gradients, max_grad_norm (1.0) the norm over all shards.
+    common = dict(gradient_accumulation_steps=2, max_grad_value=0.05)
+    (tmp_path / "probe").mkdir()
+    two = launch("fsdp.yaml", 2, bert_args(tiny_bert, tweets_csv, output_dir=tmp_path / "two",
+                                           per_device_train_batch_size=4, **common),
+                 tmp_path, script="tests/rank_probe.py", probe_dir=tmp_path / "probe")
+    launch("single_device.yaml", 1, bert_args(tiny_bert, tweets_csv, output_dir=tmp_path / "one",
+                                              per_device_train_batch_size=8, **common), tmp_path)
+    assert SWITCH_LINE in two.stderr + two.stdout
+    assert yaml.safe_load((tmp_path / "two/hftune_config.yaml").read_text())["engine"] == "accelerate"
+    ranks = [read_json(tmp_path / f"probe/rank{r}.json") for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    full = ranks[0]["full_numel"]
+    assert ranks[1]["full_numel"] == full == sum(r["local_numel"] for r in ranks)  # each element on one rank
+    assert all(abs(r["local_numel"] - full / 2) < 0.01 * full for r in ranks), ranks  # really half each
+    assert ranks[0]["rows"] and not set(ranks[0]["rows"]) & set(ranks[1]["rows"])  # each its own rows
+    one_losses, two_losses = logged_losses(tmp_path / "one"), logged_losses(tmp_path / "two")
+    assert len(one_losses) == len(two_losses) == 8
+    assert two_losses == pytest.approx(one_losses, abs=1e-4)
+    # The saved model is whole (gathered on rank 0), loads as a plain HF model, and holds the trained weights.
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "two")
+    assert read_json(tmp_path / "two/config.json")["architectures"] == ["BertForSequenceClassification"]
+    reference = AutoModelForSequenceClassification.from_pretrained(tmp_path / "one").state_dict()
+    assert reference.keys() == model.state_dict().keys()
+    for name, weight in model.state_dict().items():
+        torch.testing.assert_close(weight, reference[name], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("state_dict_type", ["FULL_STATE_DICT", "SHARDED_STATE_DICT"])
+def test_fsdp_resume_from_a_checkpoint_gives_the_uninterrupted_weights(state_dict_type, tiny_bert, tweets_csv,
+                                                                      tmp_path):
+    """Momentum makes the optimizer state matter: a resume without it would take other steps."""
+    flags = ["--fsdp_state_dict_type", state_dict_type]
+    settings = dict(max_steps=6, save_strategy="steps", save_steps=3, optim="sgd", optim_args="momentum=0.9",
+                    learning_rate=0.05, lr_scheduler_type="cosine", per_device_train_batch_size=8)
+    launch("fsdp.yaml", 2, bert_args(tiny_bert, tweets_csv, output_dir=tmp_path / "full", **settings), tmp_path,
+           launch_flags=flags)
+    state = tmp_path / "full/checkpoint-3/engine_state"
+    if state_dict_type == "FULL_STATE_DICT":
+        assert (state / "fsdp_state.pt").is_file()
+    else:
+        assert len(list((state / "fsdp_state").glob("*.distcp"))) == 2  # one shard per process
+    # A run that died after its step-3 checkpoint: only that checkpoint is left in its output_dir.
+    shutil.copytree(tmp_path / "full/checkpoint-3", tmp_path / "resumed/checkpoint-3")
+    launch("fsdp.yaml", 2, bert_args(tiny_bert, tweets_csv, output_dir=tmp_path / "resumed",
+                                     resume_from_checkpoint="true", **settings), tmp_path, launch_flags=flags)
+    history = read_json(tmp_path / "resumed/trainer_state.json")["log_history"]
+    assert [entry["step"] for entry in history if "loss" in entry] == list(range(1, 7))
+    assert logged_losses(tmp_path / "resumed") == logged_losses(tmp_path / "full")
+    full, resumed = load_file(tmp_path / "full/model.safetensors"), load_file(tmp_path / "resumed/model.safetensors")
+    assert all(torch.equal(full[name], resumed[name]) for name in full)
+
+
+@pytest.fixture(scope="module")
+def tied_llama(tmp_path_factory, tweets):
+    """A 2-layer Llama whose output head shares the embedding matrix (as SmolLM2's does), plus text files."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("tied-llama")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("asset:all-MiniLM-L6-v2"))
+    tokenizer.eos_token = "[SEP]"
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.cls_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    texts = tweets["text"].sample(n=400, random_state=0).tolist()
+    for split, rows in (("train", texts[:340]), ("validation", texts[340:])):
+        with open(path / f"{split}.jsonl", "w") as handle:
+            handle.writelines(json.dumps({"text": text}) + "\n" for text in rows)
+    return path
+
+
+def test_fsdp_causal_lm_with_tied_embeddings_matches_one_process(tied_llama, tmp_path):
+    def args(out, batch):
+        return ["--task", "causal-lm", "--model_name_or_path", tied_llama, "--train_file", tied_llama / "train.jsonl",
+                "--validation_file", tied_llama / "validation.jsonl", "--text_column", "text", "--block_size", "32",
+                "--report_to", "none", "--max_steps", "5", "--logging_steps", "1", "--learning_rate", "1e-2",
+                "--warmup_steps", "0", "--disable_tqdm", "true", "--seed", "0", "--train_sampling_strategy",
+                "sequential", "--do_eval", "false", "--output_dir", out, "--per_device_train_batch_size", batch]
+
+    launch("fsdp.yaml", 2, args(tmp_path / "two", 4), tmp_path)
+    launch("single_device.yaml", 1, args(tmp_path / "one", 8), tmp_path)
+    assert logged_losses(tmp_path / "two") == pytest.approx(logged_losses(tmp_path / "one"), abs=1e-4)
+    # One shared matrix in the checkpoint, as a single process writes it (gathering must not untie it).
+    assert load_file(tmp_path / "two/model.safetensors").keys() == load_file(tmp_path / "one/model.safetensors").keys()
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "two")
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "one").state_dict()
+    for name, weight in model.state_dict().items():
+        torch.testing.assert_close(weight, reference[name], atol=1e-4, rtol=0)
+
+
+NAN_ON_RANK0 = """
+import os, sys
+sys.path[:0] = [{repo!r}, {tests!r}]
+from transformers import TrainerCallback
+from conftest import run_engine
+
+class NaNOnRank0(TrainerCallback):
+    '''Rank 0's logits turn NaN at step 3; rank 1's stay finite.'''
+    hooked = active = False
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if not self.hooked:
+            model.classifier.register_forward_hook(lambda m, i, out: out * float("nan") if self.active else out)
+            self.hooked = True
+        self.active = state.global_step + 1 == 3 and os.environ["RANK"] == "0"
+
+run_engine(sys.argv[1:], callbacks=[NaNOnRank0()])
+"""
+
+
+def test_fsdp_skips_a_step_whose_gradient_is_nan_on_one_process(tiny_bert, tweets_csv, tmp_path):
+    """The guard reads the norm over all shards, so both processes skip the update together; a process
+    that went ahead would write the NaN reduced into its shard."""
+    script = tmp_path / "nan_on_rank0.py"
+    script.write_text(NAN_ON_RANK0.format(repo=REPO, tests=os.path.join(REPO, "tests")))
+    result = launch("fsdp.yaml", 2, bert_args(tiny_bert, tweets_csv, output_dir=tmp_path / "out", max_steps=5,
+                                              per_device_train_batch_size=8), tmp_path, script=str(script))
+    assert "non-finite gradient (NaN or inf) at step 3" in result.stdout + result.stderr
+    assert len(logged_losses(tmp_path / "out")) == 5  # it trained on after the skipped step
+    assert all(torch.isfinite(w).all() for w in load_file(tmp_path / "out/model.safetensors").values())
+
+
+# ---- before anything loads: the engine choice and what the CPU path refuses ----
+
+FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
+
+
+def parse(monkeypatch, tmp_path, env=(), args=()):
+    from hftune.config import parse_config
+
+    for name, value in {**FSDP_ENV, **dict(env)}.items():
+        monkeypatch.setenv(name, value)
+    (tmp_path / "train.csv").write_text("text,label\nhello,0\n")
+    return parse_config(["--model_name_or_path", "unused", "--train_file", str(tmp_path / "train.csv"),
+                         "--output_dir", str(tmp_path / "out"), *args])[2]
+
+
+def test_fsdp_without_gpus_switches_to_the_accelerate_engine(monkeypatch, tmp_path, caplog):
+    assert parse(monkeypatch, tmp_path).engine == "accelerate"
+    assert SWITCH_LINE in caplog.text and "Trainer cannot shard on CPU" in caplog.text
+
+
+REFUSED = {
+    "FSDP1": ({"FSDP_VERSION": "1"}, [], "set fsdp_version: 2"),
+    "parameter offload": ({"FSDP_OFFLOAD_PARAMS": "true"}, [], "fsdp_offload_params"),
+    "fp16": ({}, ["--fp16", "true"], "fp16"),
+    "line search": ({}, ["--optim", "lbfgs", "--weight_decay", "0", "--max_grad_norm", "0"], "cannot run under FSDP"),
+    "penalty": ({}, ["--l2_lambda", "0.01"], "FSDP and ZeRO-3 shard them"),
+    "recipe fsdp": ({"ACCELERATE_USE_FSDP": "false"}, ["--fsdp", "full_shard"], "launch with --config_file"),
+    # Switched for the user: the message must not send them back to Trainer, which cannot shard here.
+    "Trainer-only feature": ({}, ["--torch_compile", "true"], "torch_compile is implemented by Trainer's loop only, "
+                                                               "which cannot shard without GPUs; drop torch_compile."),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED)
+def test_fsdp_without_gpus_refuses_what_it_cannot_honour(case, monkeypatch, tmp_path):
+    env, args, message = REFUSED[case]
+    with pytest.raises(HftuneError) as raised:
+        parse(monkeypatch, tmp_path, env, args)
+    assert message in str(raised.value)
