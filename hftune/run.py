@@ -147,6 +147,14 @@ def finish(trainer, bundle, training_args, metrics):
     print("\n".join(lines))
 
 
+def leave_process_group():
+    """End a multi-process run cleanly (torch warns when a process group is never destroyed)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["plan"]:  # `hftune plan --config recipe.yaml [--config_file accelerate_configs/X.yaml]`
@@ -158,6 +166,7 @@ def main(argv=None):
         trainer, bundle, checkpoint = setup(model_args, data_args, training_args)
         metrics = train(trainer, bundle, training_args, checkpoint)
         finish(trainer, bundle, training_args, metrics)
+        leave_process_group()
     except HftuneError as err:
         print(f"hftune: error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -95,6 +95,13 @@ def digit_folders(digits, tmp_path_factory):
 
 
 
+def aborted_at_exit(result):
+    """DeepSpeed on CPU sometimes aborts a process at interpreter exit, after the run finished and
+    saved (ENVIRONMENT.md: about 1 in 20): such a launch is run again once."""
+    output = result.stdout + result.stderr
+    return result.returncode != 0 and "terminate called without an active exception" in output
+
+
 def read_json(path):
     return json.loads(open(path).read())
 

@@ -17,7 +17,7 @@ from transformers import (
     LlamaConfig, LlamaForCausalLM,
 )
 
-from conftest import cli_flags, logged_losses, read_json
+from conftest import aborted_at_exit, cli_flags, logged_losses, read_json
 from hftune.run import main
 from test_causal_lm import tiny_llama, tweet_jsonl, tweet_texts  # noqa: F401 (fixtures)
 
@@ -36,7 +36,10 @@ def launch(num_processes, args, probe_dir, deepspeed_json=None):
     if deepspeed_json is not None:
         cmd += ["--deepspeed_config_file", str(deepspeed_json)]
     cmd += [os.path.join(REPO, "tests", "rank_probe.py"), *args, "--engine", "pipeline"]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    for attempt in range(2):
+        result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+        if not aborted_at_exit(result):
+            break
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return [read_json(os.path.join(probe_dir, f"rank{r}.json")) for r in range(num_processes)], result.stdout
 
