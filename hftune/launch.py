@@ -46,7 +46,7 @@ def deepspeed_config(args):
 
 def zero_stage(config):
     stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
-    return int(stage) if stage is not None else int(config.get("zero_optimization", {}).get("stage", 0))
+    return int(stage) if stage is not None else int((config.get("zero_optimization") or {}).get("stage", 0))
 
 
 def pipeline_stages(args, config):
@@ -54,22 +54,34 @@ def pipeline_stages(args, config):
     if args.engine != "pipeline":
         return 1
     stages = config.get("pipeline", {}).get("stages", "auto")
-    return args.pipeline_stages or (stages if isinstance(stages, int) else launched_world_size())
+    if args.pipeline_stages is not None:
+        return args.pipeline_stages
+    return stages if isinstance(stages, int) else launched_world_size()
 
 
 def _check_one_owner(config):
     """The recipe owns optimizer and schedule; a second copy in the JSON would silently win or clash."""
-    optimizer = config.get("optimizer", {}).get("type", "")
+    optimizer = (config.get("optimizer") or {}).get("type", "")
     if optimizer.lower() in REMOVED_DEEPSPEED_OPTIMIZERS:
-        import deepspeed
-
-        raise HftuneError(f"DeepSpeed optimizer {optimizer} no longer exists in the installed DeepSpeed "
-                          f"{deepspeed.__version__} (1-bit optimizers were removed in 0.19); drop the optimizer block (the "
-                          "recipe's optim applies) and compress with communication_data_type: fp16 in the JSON.")
+        raise HftuneError(f"DeepSpeed optimizer {optimizer} was removed in DeepSpeed 0.19 (hftune needs >= 0.19); drop "
+                          "the optimizer block (the recipe's optim applies) and compress with "
+                          "communication_data_type: fp16 in the JSON.")
     for block, key in (("optimizer", "optim"), ("scheduler", "lr_scheduler_type")):
-        if block in config:
+        if config.get(block) is not None:
             raise HftuneError(f"the DeepSpeed config has a '{block}' block; hftune takes it from the recipe's {key}: "
                               f"remove the block (see deepspeed_configs/).")
+
+
+def _check_removed_keys(config):
+    """Blocks the installed DeepSpeed removed would be ignored (or fail late): refuse them now."""
+    from deepspeed.runtime import config as deepspeed_config_module
+
+    reject = getattr(deepspeed_config_module, "_reject_removed_config_keys", None)  # DeepSpeed's own list
+    try:
+        if reject is not None:
+            reject(config)
+    except Exception as err:  # DeepSpeedConfigError
+        raise HftuneError(f"the DeepSpeed config uses a removed option: {str(err).splitlines()[0]}") from None
 
 
 def _check_batch_arithmetic(config, args, data_parallel):
@@ -100,18 +112,21 @@ def check_deepspeed(args):
     except ImportError:
         raise HftuneError("this launch uses DeepSpeed, which is not installed: pip install 'hftune[deepspeed]'.") from None
     _check_one_owner(config)
+    _check_removed_keys(config)
     pipelined, stage = "pipeline" in config, zero_stage(config)
     if pipelined and args.engine != "pipeline":
         raise HftuneError(f"the DeepSpeed config has a 'pipeline' block, which engine: {args.engine} would ignore; "
                           "set engine: pipeline (or drop the block).")
-    if args.engine == "pipeline" and stage >= 2:
-        raise HftuneError(f"DeepSpeed pipeline parallelism works with ZeRO-0/1 only, the config asks for ZeRO-{stage};"
-                          " use deepspeed_configs/pipeline.json (ZeRO-1).")
-    offload = [config.get("zero_optimization", {}).get(k, {}).get("device") for k in ("offload_optimizer", "offload_param")]
+    if args.engine == "pipeline" and stage != 1 and args.do_train:
+        # ZeRO-2/3 are rejected by DeepSpeed; without ZeRO, measured: gradient clipping drifts across stages.
+        raise HftuneError(f"DeepSpeed pipeline parallelism needs ZeRO-1, the config asks for ZeRO-{stage}; "
+                          "use deepspeed_configs/pipeline.json.")
+    zero = config.get("zero_optimization") or {}
+    offload = [(zero.get(k) or {}).get("device") for k in ("offload_optimizer", "offload_param")]
     if "nvme" in offload and not torch.cuda.is_available():
         raise HftuneError("NVMe offload (ZeRO-Infinity) needs GPUs; on this machine use "
                           "deepspeed_configs/zero3_offload.json (CPU offload).")
-    _check_batch_arithmetic(config, args, launched_world_size() // pipeline_stages(args, config))
+    _check_batch_arithmetic(config, args, max(1, launched_world_size() // max(1, pipeline_stages(args, config))))
 
 
 def check_comm_hook(args):

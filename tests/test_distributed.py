@@ -12,19 +12,22 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from transformers import AutoModelForSequenceClassification
 
 from conftest import aborted_at_exit, read_json
 
+# These runs exercise the CPU path (gloo); on a GPU machine ddp.yaml would put 2 processes on NCCL.
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU (gloo) launches; GPU runs are separate")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, GLOBAL_BATCH = 4, 16
 
 
-def launch(config, num_processes, args, tmp_path, name, check=True):
+def launch(config, num_processes, args, tmp_path, name, check=True, env=()):
     """Run tests/rank_probe.py under accelerate launch; returns (result, probes by rank)."""
     probe = tmp_path / f"{name}.probe"
     probe.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HFTUNE_PROBE_DIR": str(probe)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HFTUNE_PROBE_DIR": str(probe), **dict(env)}
     env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(REPO, ".cache", "torch_extensions"))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            os.path.join(REPO, "accelerate_configs", config), "--num_processes", str(num_processes),
@@ -84,6 +87,7 @@ STRATEGIES = {
     "zero2": ("deepspeed_zero2.yaml", [], 1e-4, None),
     "zero3": ("deepspeed_zero3.yaml", [], 1e-4, None),
     "zero3_offload": ("deepspeed_zero3_offload.yaml", [], 1e-4, None),
+    "zero2_offload": ("ddp.yaml", ["--deepspeed", "deepspeed_configs/zero2_offload.json"], 1e-4, None),
     "ddp_fp16_hook": ("ddp.yaml", ["--ddp_comm_hook", "fp16"], 1e-3, "gradients travel rounded to fp16"),
     "ddp_powersgd_hook": ("ddp.yaml", ["--ddp_comm_hook", "powersgd", "--powersgd_start_iter", "2"], 1e-2,
                           "gradients travel as a rank-1 approximation from step 2"),
@@ -103,8 +107,9 @@ def test_strategy_shards_data_and_matches_one_process(name, run_args, single_pro
     rows = [set(probes[r]["rows"]) for r in (0, 1)]
     assert not rows[0] & rows[1], "both processes read the same rows"
     assert rows[0] | rows[1] == set(reference_probe["rows"])
-    if name.startswith("zero3"):  # each process holds half of every parameter (plus padding)
-        assert probes[0]["ds_tensor"] == pytest.approx(probes[0]["ds_numel"] / 2, rel=1e-3)
+    if name.startswith("zero3"):  # each process holds half of the parameters (plus padding)
+        for rank in (0, 1):
+            assert probes[rank]["ds_tensor"] == pytest.approx(probes[rank]["ds_numel"] / 2, rel=1e-3)
         # ... and the saved model is consolidated: a plain checkpoint from_pretrained loads whole.
         assert AutoModelForSequenceClassification.from_pretrained(tmp_path / name).num_parameters() == \
             probes[0]["ds_numel"]
@@ -132,5 +137,15 @@ def test_processes_that_do_not_form_one_job_are_refused(run_args, tmp_path):
                             tmp_path, "alone", check=False)
     assert result.returncode != 0
     assert "2 processes were launched but this run sees world size 1" in result.stderr + result.stdout
-    assert all(not probe["rows"] for probe in probes.values())  # refused before reading any data
+    assert len(probes) == 2 and all(not probe["rows"] for probe in probes.values())  # refused before any data
     assert not (tmp_path / "alone" / "model.safetensors").exists()
+
+
+def test_the_sharding_assertions_catch_independent_jobs(run_args, tmp_path):
+    """Negative control for the assertions above: with hftune's check skipped, the same broken launch
+    trains two independent jobs. torch.distributed still reports 2 processes (so hftune checks the
+    world size TrainingArguments trains with), but each reads every row: the distinct-rows check fails."""
+    _, probes = launch("ddp.yaml", 2, run_args + ["--per_device_train_batch_size", "8", "--use_cpu", "false"],
+                       tmp_path, "alone", env={"HFTUNE_PROBE_UNCHECKED": "1"})
+    assert set(probes[0]["rows"]) == set(probes[1]["rows"])
+    assert len(probes[0]["rows"]) > GLOBAL_BATCH * STEPS // 2

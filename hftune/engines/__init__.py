@@ -1,15 +1,14 @@
-"""Engines run a TaskBundle: `trainer` (HF Trainer, the default) or `accelerate` (a plain
-Accelerate loop). Both take the same optimizer, schedule, clipping and penalties from the config;
-the checks here refuse, before training, what an engine or launch cannot honour."""
+"""Engines run a TaskBundle: `trainer` (HF Trainer, the default), `accelerate` (a plain Accelerate
+loop; FSDP2 on CPU) or `pipeline` (DeepSpeed pipeline parallelism). All take the same optimizer,
+schedule, clipping and penalties from the config; the checks here refuse, before training, what an
+engine or launch cannot honour."""
 
-import json
 import logging
 import os
-from pathlib import Path
 
 from hftune.data import is_stream, shuffle_stream
 from hftune.errors import HftuneError
-from hftune.launch import check_launch_config
+from hftune.launch import check_launch_config, deepspeed_config, uses_fsdp, zero_stage
 from hftune.optim import check_strategy, name_of, optimizer_spec, updates_per_epoch
 from hftune.regularization import apply_batchnorm_policy
 
@@ -19,20 +18,15 @@ ENGINES = ("trainer", "accelerate", "pipeline")
 
 
 def uses_deepspeed(args):
-    return bool(args.deepspeed) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    return deepspeed_config(args) is not None
 
 
 def shards_parameters(args):
     """FSDP or ZeRO-3: each process holds only a shard of every parameter."""
-    if args.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+    if args.fsdp or uses_fsdp(args):
         return True
-    if not uses_deepspeed(args):
-        return False
-    stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
-    if stage is None and args.deepspeed:
-        config = args.deepspeed if isinstance(args.deepspeed, dict) else json.loads(Path(args.deepspeed).read_text())
-        stage = config.get("zero_optimization", {}).get("stage", 0)
-    return str(stage) == "3"
+    config = deepspeed_config(args)
+    return config is not None and zero_stage(config) == 3
 
 
 def _check_closure_optimizer(args, name):
@@ -90,6 +84,9 @@ def _check_accelerate_engine(args):
                           "gradients, FSDP shards them; launch with accelerate_configs/ddp.yaml.")
     if cpu_fsdp:
         check_cpu_fsdp(args)
+    elif fsdp_launch():  # with GPUs accelerate's own FSDP plugin applies, through Trainer
+        raise HftuneError("engine: accelerate shards with FSDP itself only on machines without GPUs; "
+                          "use engine: trainer for FSDP on GPUs.")
 
 
 def choose_engine_for_fsdp(args):
