@@ -19,9 +19,12 @@ COMM_HOOKS = {"fp16": "fp16", "bf16": "bf16", "powersgd": "power_sgd"}  # hftune
 REMOVED_DEEPSPEED_OPTIMIZERS = ("onebitadam", "onebitlamb", "zerooneadam")  # gone from DeepSpeed 0.19
 
 
+PLANNED_WORLD_SIZE = "HFTUNE_PLANNED_WORLD_SIZE"  # set by `hftune plan`, which judges a launch it does not start
+
+
 def launched_world_size():
     """The number of processes the launcher (accelerate launch / torchrun / deepspeed) started."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    return int(os.environ.get("WORLD_SIZE") or os.environ.get(PLANNED_WORLD_SIZE, "1"))
 
 
 def uses_fsdp(args):

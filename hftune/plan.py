@@ -38,6 +38,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from hftune.errors import HftuneError
+from hftune.launch import PLANNED_WORLD_SIZE
 
 GiB = 2**30
 HEADROOM = 0.85  # fits when the estimate uses <= 85% of the device: CUDA context, fragmentation, temporaries
@@ -203,13 +204,13 @@ def pipeline_stages(args, ds_json, world, notes):
 
 
 @contextmanager
-def launch_environment(config, notes):
+def launch_environment(config, notes, world):
     """The variables `accelerate launch` exports that hftune's own launch checks read (hftune.launch,
     hftune.engines), so parse_config judges the recipe against this launch: the DeepSpeed JSON (its
-    blocks, ZeRO stage vs engine, batch numbers) and FSDP. Not ACCELERATE_USE_DEEPSPEED or WORLD_SIZE:
-    with those, TrainingArguments would set up DeepSpeed or a process group in this process."""
+    blocks, ZeRO stage vs engine, batch numbers against the planned world size) and FSDP. Not ACCELERATE_USE_DEEPSPEED or
+    WORLD_SIZE: with those, TrainingArguments would set up DeepSpeed or a process group in this process."""
     kind = str(config.distributed_type.value) if config is not None else "NO"
-    env = {"ACCELERATE_USE_FSDP": "true"} if kind == "FSDP" else {}
+    env = {PLANNED_WORLD_SIZE: str(world), **({"ACCELERATE_USE_FSDP": "true"} if kind == "FSDP" else {})}
     ds_file = (config.deepspeed_config or {}).get("deepspeed_config_file") if kind == "DEEPSPEED" else None
     if ds_file and importlib.util.find_spec("deepspeed") is None:
         notes.append("DeepSpeed is not installed here, so the launch's DeepSpeed checks were skipped "
@@ -599,7 +600,8 @@ def build_plan(argv):
     device = parse_memory(options.device_memory) if options.device_memory is not None else None
     config, shown = load_accelerate_config(options.config_file)
     notes = []
-    with launch_environment(config, notes):
+    world = world_size(config, options.num_processes or (config.num_processes if config is not None else 1), [])
+    with launch_environment(config, notes, world):
         model_args, data_args, args = parse_config(hftune_argv)
     launch = resolve_launch(args, options, config, shown, notes)
     facts = model_facts(model_args, data_args, args, launch)

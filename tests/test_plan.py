@@ -66,6 +66,19 @@ def test_zero3_launch_shows_world_size_stage_and_global_batch(capsys):
     assert "this launch: ZeRO-3:" in text
 
 
+def test_batch_numbers_in_the_json_are_checked_against_the_planned_world_size(capsys, tmp_path):
+    """train_batch_size 16 = 8 per device x 2 processes: right for the 2-process launch, wrong for 4."""
+    config = json.loads(open(os.path.join(REPO, "deepspeed_configs", "zero2.json")).read())
+    (tmp_path / "ds.json").write_text(json.dumps({**config, "train_batch_size": 16}))
+    accelerate = open(os.path.join(REPO, config_file("deepspeed_zero2"))).read()
+    (tmp_path / "launch.yaml").write_text(accelerate.replace("deepspeed_configs/zero2.json", str(tmp_path / "ds.json")))
+    argv = ["--config_file", str(tmp_path / "launch.yaml"), "--per_device_train_batch_size", "8"]
+    assert value(printed_plan(capsys, argv + ["--num_processes", "2"]), "global batch").startswith("16 ")
+    with pytest.raises(SystemExit):
+        main(argv + ["--num_processes", "4"])
+    assert "train_batch_size is 16 but the recipe gives 32" in capsys.readouterr().err
+
+
 def test_num_processes_overrides_the_config_like_accelerate_launch(capsys):
     text = printed_plan(capsys, ["--config_file", config_file("deepspeed_zero3"), "--num_processes", "8"])
     assert value(text, "world size").startswith("8 ") and value(text, "data-parallel size") == "8"
