@@ -102,6 +102,18 @@ def aborted_at_exit(result):
     return result.returncode != 0 and "terminate called without an active exception" in output
 
 
+def fail(capsys, argv):
+    """Run hftune, expect exit 2, return the single error line."""
+    from hftune.run import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("hftune: error:")]
+    assert len(errors) == 1, errors
+    return errors[0]
+
+
 def read_json(path):
     return json.loads(open(path).read())
 

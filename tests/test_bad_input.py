@@ -7,19 +7,9 @@ import sys
 import pandas as pd
 import pytest
 
-from hftune.run import main
+from conftest import fail
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def fail(capsys, argv):
-    """Run hftune, expect exit 2, return the single error line."""
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 2
-    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("hftune: error:")]
-    assert len(errors) == 1, errors
-    return errors[0]
 
 
 @pytest.fixture

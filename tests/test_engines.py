@@ -66,6 +66,13 @@ def test_resume_from_a_checkpoint_gives_the_uninterrupted_weights(engine, tiny_b
     assert all(torch.equal(full[name], resumed[name]) for name in full)
 
 
+@pytest.mark.parametrize("engine", ["trainer", "accelerate"])
+def test_save_total_limit_keeps_the_latest_checkpoints(engine, tiny_bert, tweets_csv, tmp_path):
+    run_engine(strategy_args(tiny_bert, tmp_path / "out", *tweets_csv, engine=engine, max_steps=6,
+                             save_strategy="steps", save_steps=2, save_total_limit=2))
+    assert sorted(p.name for p in (tmp_path / "out").glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
+
+
 def test_train_loss_counts_the_steps_after_the_last_log_line(tiny_bert, tweets_csv, tmp_path):
     train_loss = {}
     for engine in ("trainer", "accelerate"):

@@ -7,7 +7,8 @@ import os
 import pytest
 import torch
 
-from test_bad_input import base, fail  # noqa: F401  (fixture and helper)
+from conftest import fail
+from test_bad_input import base  # noqa: F401  (fixture)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ZERO2 = {"zero_optimization": {"stage": 2}, "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",

@@ -17,7 +17,7 @@ from transformers import (
     LlamaConfig, LlamaForCausalLM,
 )
 
-from conftest import aborted_at_exit, cli_flags, logged_losses, read_json
+from conftest import aborted_at_exit, cli_flags, fail, logged_losses, read_json
 from hftune.run import main
 from test_causal_lm import tiny_llama, tweet_jsonl, tweet_texts  # noqa: F401 (fixtures)
 
@@ -241,15 +241,6 @@ def deepspeed_launch(monkeypatch):
     """What accelerate launch with deepspeed_pipeline.yaml sets, for a single in-process run."""
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", os.path.join(REPO, "deepspeed_configs", "pipeline.json"))
-
-
-def fail(capsys, argv):
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 2
-    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("hftune: error:")]
-    assert len(errors) == 1, errors
-    return errors[0]
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -14,7 +14,7 @@ from accelerate.data_loader import prepare_data_loader
 from datasets import load_dataset
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from conftest import cli_flags, logged_losses, read_json
+from conftest import cli_flags, fail, logged_losses, read_json
 from hftune.config import DataArguments, HftuneTrainingArguments, ModelArguments, parse_config
 from hftune.data import is_stream, load_raw_datasets, shuffle_stream
 from hftune.run import main, setup
@@ -35,16 +35,6 @@ def run_args(model, out, train, validation=None, **extra):
                     per_device_train_batch_size=16, learning_rate=3e-3, warmup_steps=0, logging_steps=1,
                     save_strategy="no", streaming="true", max_steps=24, seed=7, train_sampling_strategy="random")
     return cli_flags(settings, extra)
-
-
-def fail(capsys, argv):
-    """Run hftune, expect exit 2, return the single error line."""
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 2
-    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("hftune: error:")]
-    assert len(errors) == 1, errors
-    return errors[0]
 
 
 def fingerprints(model, csv, max_length=32):

@@ -13,11 +13,9 @@ FSDP: on GPUs `accelerator.prepare` applies it; on a machine without GPUs accele
 engine shards the model itself with FSDP2 (hftune/engines/fsdp.py) before building the optimizer.
 """
 
-import glob
 import logging
 import math
 import os
-import shutil
 import time
 from contextlib import nullcontext
 from functools import partial
@@ -34,7 +32,7 @@ from transformers.trainer_callback import (
     CallbackHandler, DefaultFlowCallback, PrinterCallback, ProgressCallback, TrainerControl, TrainerState,
 )
 from transformers.trainer_pt_utils import LabelSmoother, LengthGroupedSampler, log_metrics, save_metrics, save_state
-from transformers.trainer_utils import EvalPrediction, TrainOutput, seed_worker, speed_metrics
+from transformers.trainer_utils import EvalPrediction, TrainOutput, rotate_checkpoints, seed_worker, speed_metrics
 
 from hftune.engines.fsdp import cpu_fsdp_for
 from hftune.guards import guard_for
@@ -388,13 +386,5 @@ class AccelerateEngine:
             self.fsdp.save_state(self.model, self.optimizer, os.path.join(path, ENGINE_STATE))
         if self.accelerator.is_main_process:
             self.state.save_to_json(os.path.join(path, "trainer_state.json"))
-            self._rotate_checkpoints()
-
-    def _rotate_checkpoints(self):
-        limit = self.args.save_total_limit
-        if not limit:
-            return
-        paths = glob.glob(os.path.join(self.args.output_dir, "checkpoint-*"))
-        for old in sorted(paths, key=lambda p: int(p.rsplit("-", 1)[-1]))[:-limit]:
-            shutil.rmtree(old, ignore_errors=True)
+            rotate_checkpoints(self.args.output_dir, self.args.save_total_limit)  # transformers' own
 

@@ -20,11 +20,9 @@ per-stage state in `pipeline_state/` beside the HF weights.
 """
 
 import copy
-import glob
 import logging
 import math
 import os
-import shutil
 import socket
 import time
 from dataclasses import dataclass
@@ -45,7 +43,7 @@ from transformers.trainer_callback import (
     CallbackHandler, DefaultFlowCallback, PrinterCallback, ProgressCallback, TrainerControl, TrainerState,
 )
 from transformers.trainer_pt_utils import log_metrics, save_metrics, save_state
-from transformers.trainer_utils import EvalPrediction, TrainOutput, speed_metrics
+from transformers.trainer_utils import EvalPrediction, TrainOutput, rotate_checkpoints, speed_metrics
 
 from hftune.engines import TRAINER_ONLY, UNSET
 from hftune.errors import HftuneError
@@ -630,12 +628,4 @@ class PipelineEngine:
         self.save_model(path)
         if self.is_world_process_zero():
             self.state.save_to_json(os.path.join(path, "trainer_state.json"))
-            self._rotate_checkpoints()
-
-    def _rotate_checkpoints(self):
-        limit = self.args.save_total_limit
-        if not limit:
-            return
-        paths = glob.glob(os.path.join(self.args.output_dir, "checkpoint-*"))
-        for old in sorted(paths, key=lambda p: int(p.rsplit("-", 1)[-1]))[:-limit]:
-            shutil.rmtree(old, ignore_errors=True)
+            rotate_checkpoints(self.args.output_dir, self.args.save_total_limit)  # transformers' own
