@@ -23,6 +23,10 @@ def in_repo(monkeypatch):
     monkeypatch.chdir(REPO)
 
 
+# the default recipe samples by length, which the pipeline engine cannot do
+PIPELINE = ["--engine", "pipeline", "--train_sampling_strategy", "random"]
+
+
 def config_file(name):
     return f"accelerate_configs/{name}.yaml"
 
@@ -103,7 +107,7 @@ def test_ddp_launch_has_no_zero(capsys):
 
 
 def test_pipeline_launch_shows_stages_and_data_parallel_size(capsys):
-    text = printed_plan(capsys, ["--config_file", config_file("deepspeed_pipeline"), "--engine", "pipeline",
+    text = printed_plan(capsys, ["--config_file", config_file("deepspeed_pipeline"), *PIPELINE,
                                  "--num_processes", "4", "--pipeline_stages", "2",
                                  "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2"])
     assert value(text, "pipeline stages").startswith("2 (engine: pipeline)")
@@ -114,7 +118,7 @@ def test_pipeline_launch_shows_stages_and_data_parallel_size(capsys):
 
 def test_pipeline_stages_default_to_every_process(capsys):
     """pipeline.json says stages: auto, so every process is a stage and nothing is left for data parallelism."""
-    text = printed_plan(capsys, ["--config_file", config_file("deepspeed_pipeline"), "--engine", "pipeline"])
+    text = printed_plan(capsys, ["--config_file", config_file("deepspeed_pipeline"), *PIPELINE])
     world = int(value(text, "world size").split()[0])
     assert value(text, "pipeline stages").startswith(f"{world} ") and value(text, "data-parallel size") == "1"
 
@@ -124,7 +128,7 @@ def test_plan_refuses_what_the_launch_would_refuse(capsys):
     variables are gone afterwards."""
     line = fail(capsys, ["--config_file", config_file("fsdp"), "--optim", "lbfgs", "--weight_decay", "0"])
     assert "lbfgs" in line and "FSDP" in line
-    line = fail(capsys, ["--config_file", config_file("deepspeed_zero2"), "--engine", "pipeline"])
+    line = fail(capsys, ["--config_file", config_file("deepspeed_zero2"), *PIPELINE])
     assert "pipeline" in line and "ZeRO-2" in line
     assert "ACCELERATE_USE_FSDP" not in os.environ and "ACCELERATE_DEEPSPEED_CONFIG_FILE" not in os.environ
 
@@ -350,6 +354,6 @@ def test_bad_device_memory(capsys, text):
 
 
 def test_pipeline_stages_must_divide_the_world(capsys):
-    line = fail(capsys, ["--config_file", config_file("deepspeed_pipeline"), "--engine", "pipeline",
+    line = fail(capsys, ["--config_file", config_file("deepspeed_pipeline"), *PIPELINE,
                          "--num_processes", "3", "--pipeline_stages", "2"])
     assert "pipeline_stages 2 must divide the world size 3" in line

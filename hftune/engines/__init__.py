@@ -118,6 +118,10 @@ def check_training_strategy(args):
     check_launch_config(args)
     if args.engine == "accelerate":
         _check_accelerate_engine(args)
+    if args.engine == "pipeline":
+        from hftune.engines.pipeline import check_pipeline_args
+
+        check_pipeline_args(args)
     for name in ("l1_lambda", "l2_lambda", "early_stopping_threshold", "max_nonfinite_steps"):
         if getattr(args, name) < 0:
             raise HftuneError(f"{name} must be >= 0, got {getattr(args, name)}.")

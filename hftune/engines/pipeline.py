@@ -248,7 +248,7 @@ NOT_IN_PIPELINE = {
 
 
 def check_pipeline_args(args):
-    """What this engine cannot honour is refused before any model is split."""
+    """What this engine cannot honour, refused while the config is parsed (check_training_strategy)."""
     for name in TRAINER_ONLY:
         if name != "deepspeed" and getattr(args, name, None) not in UNSET:
             raise HftuneError(f"{name} is implemented by Trainer's loop only; use engine: trainer or drop {name}.")
@@ -333,7 +333,6 @@ class PipelineEngine:
     log_metrics, save_metrics, save_state = log_metrics, save_metrics, save_state
 
     def __init__(self, bundle, args):
-        check_pipeline_args(args)
         if isinstance(bundle.train_dataset, datasets.IterableDataset):
             raise HftuneError("engine: pipeline samples each replica's rows from a loaded data set; drop streaming.")
         self.bundle, self.args, self.model = bundle, args, bundle.model
