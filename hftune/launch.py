@@ -5,7 +5,6 @@ Every check here guards against a run that would silently do something other tha
 (on a machine without GPUs, the obvious multi-process launch runs N independent jobs)."""
 
 import json
-import logging
 import os
 from pathlib import Path
 
@@ -13,12 +12,8 @@ import torch
 
 from hftune.errors import HftuneError
 
-logger = logging.getLogger("hftune")
-
 COMM_HOOKS = {"fp16": "fp16", "bf16": "bf16", "powersgd": "power_sgd"}  # hftune name -> accelerate's
 REMOVED_DEEPSPEED_OPTIMIZERS = ("onebitadam", "onebitlamb", "zerooneadam")  # gone from DeepSpeed 0.19
-
-
 PLANNED_WORLD_SIZE = "HFTUNE_PLANNED_WORLD_SIZE"  # set by `hftune plan`, which judges a launch it does not start
 
 
@@ -56,9 +51,9 @@ def pipeline_stages(args, config):
     """engine: pipeline's stage count: pipeline_stages, else the JSON's pipeline.stages, else every process."""
     if args.engine != "pipeline":
         return 1
-    stages = config.get("pipeline", {}).get("stages", "auto")
     if args.pipeline_stages is not None:
         return args.pipeline_stages
+    stages = (config.get("pipeline") or {}).get("stages", "auto")
     return stages if isinstance(stages, int) else launched_world_size()
 
 
