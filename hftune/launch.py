@@ -22,8 +22,13 @@ def launched_world_size():
     return int(os.environ.get("WORLD_SIZE") or os.environ.get(PLANNED_WORLD_SIZE, "1"))
 
 
+def fsdp_launch():
+    """The accelerate config asks for FSDP (`distributed_type: FSDP`)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
 def uses_fsdp(args):
-    return bool(args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    return bool(args.fsdp) or fsdp_launch()
 
 
 def deepspeed_config(args):

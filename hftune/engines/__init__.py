@@ -8,7 +8,7 @@ import os
 
 from hftune.data import is_stream, shuffle_stream
 from hftune.errors import HftuneError
-from hftune.launch import check_launch_config, deepspeed_config, uses_fsdp, zero_stage
+from hftune.launch import check_launch_config, deepspeed_config, fsdp_launch, uses_fsdp, zero_stage
 from hftune.optim import check_strategy, name_of, optimizer_spec, updates_per_epoch
 from hftune.regularization import apply_batchnorm_policy
 
@@ -23,7 +23,7 @@ def uses_deepspeed(args):
 
 def shards_parameters(args):
     """FSDP or ZeRO-3: each process holds only a shard of every parameter."""
-    if args.fsdp or uses_fsdp(args):
+    if uses_fsdp(args):
         return True
     config = deepspeed_config(args)
     return config is not None and zero_stage(config) == 3
@@ -58,7 +58,7 @@ ACCELERATE_SAMPLING = ("random", "sequential", "group_by_length")
 def _check_accelerate_engine(args):
     import torch
 
-    from hftune.engines.fsdp import check_cpu_fsdp, fsdp_launch
+    from hftune.engines.fsdp import check_cpu_fsdp
 
     cpu_fsdp = fsdp_launch() and not torch.accelerator.is_available()
     # Without GPUs an FSDP launch runs on this engine only (choose_engine_for_fsdp): Trainer is no remedy there.
@@ -94,8 +94,6 @@ def choose_engine_for_fsdp(args):
     GPU launches only, so under Trainer (use_cpu) it silently trains plain DDP, every process holding
     the whole model; the accelerate engine applies FSDP2 itself (hftune/engines/fsdp.py)."""
     import torch
-
-    from hftune.engines.fsdp import fsdp_launch
 
     if torch.accelerator.is_available():
         return

@@ -22,15 +22,11 @@ import torch
 import torch.distributed as dist
 
 from hftune.errors import HftuneError
+from hftune.launch import fsdp_launch
 
 logger = logging.getLogger("hftune")
 FULL_STATE_FILE = "fsdp_state.pt"  # FULL_STATE_DICT: model + optimizer gathered on rank 0
 SHARDED_STATE_DIR = "fsdp_state"  # SHARDED_STATE_DICT: torch.distributed.checkpoint, one file per rank
-
-
-def fsdp_launch():
-    """The accelerate config asks for FSDP (`distributed_type: FSDP`)."""
-    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
 def _env_true(name):
