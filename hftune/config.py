@@ -51,6 +51,41 @@ class ModelArguments:
     classifier_dropout: float = field(
         default=None, metadata={"help": "Override the dropout before the classification head."}
     )
+    # PEFT (names as in trl's ModelConfig)
+    peft: str = field(
+        default=None,
+        metadata={"help": "Parameter-efficient fine-tuning through peft: lora, ia3, prefix_tuning or prompt_tuning "
+                          "(the last two causal-lm only). DoRA/rsLoRA: peft: lora with use_dora/use_rslora."},
+    )
+    lora_r: int = field(default=16, metadata={"help": "peft lora: rank of the update matrices."})
+    lora_alpha: int = field(default=32, metadata={"help": "peft lora: scaling numerator (alpha / r, or / sqrt(r) for rsLoRA)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "peft lora: dropout on the adapter's input."})
+    lora_target_modules: str | list[str] = field(
+        default=None,
+        metadata={"help": "Modules the adapter wraps (names, a list, or 'all-linear'); default per family: "
+                          "attention projections (BERT/GPT-style), convolutions (ResNet-style)."},
+    )
+    lora_modules_to_save: str | list[str] = field(
+        default=None,
+        metadata={"help": "Modules trained and saved in full beside the adapter; default for classification: the head."},
+    )
+    use_dora: bool = field(default=False, metadata={"help": "peft lora: weight-decomposed LoRA (DoRA)."})
+    use_rslora: bool = field(default=False, metadata={"help": "peft lora: rank-stabilised scaling alpha / sqrt(r)."})
+    num_virtual_tokens: int = field(
+        default=20, metadata={"help": "peft prefix_tuning/prompt_tuning: number of virtual tokens."}
+    )
+    load_in_4bit: bool = field(
+        default=False, metadata={"help": "QLoRA: load the base model in 4-bit (bitsandbytes, needs a GPU) under peft: lora."}
+    )
+    merge_adapter: bool = field(
+        default=False, metadata={"help": "After training also write output_dir/merged: base + adapter as a plain checkpoint."}
+    )
+    # Knowledge distillation
+    teacher_model_name_or_path: str = field(
+        default=None,
+        metadata={"help": "Distill from this fine-tuned teacher (same labels / vocabulary as the student); "
+                          "see distill_alpha and distill_temperature."},
+    )
 
 
 @dataclass
@@ -177,6 +212,42 @@ class HftuneTrainingArguments(TrainingArguments):
     )
     max_nonfinite_steps: int = field(
         default=3, metadata={"help": "Stop after this many non-finite steps in a row (0 turns the guard off)."}
+    )
+    # Knowledge distillation (with teacher_model_name_or_path)
+    distill_alpha: float = field(
+        default=None,
+        metadata={"help": "Weight of the task loss: alpha * task + (1 - alpha) * T^2 * KL(teacher || student) "
+                          "(default 0.5 with a teacher)."},
+    )
+    distill_temperature: float = field(
+        default=None, metadata={"help": "Softmax temperature T of the distillation targets (default 2.0 with a teacher)."}
+    )
+    # Pruning
+    prune_sparsity: float = field(
+        default=None, metadata={"help": "Magnitude-prune weights to this final fraction of zeros, in [0, 1)."}
+    )
+    prune_scope: str = field(
+        default="global", metadata={"help": "global (one magnitude threshold over all pruned layers) or layer (each layer alone)."}
+    )
+    prune_structure: str = field(
+        default=None,
+        metadata={"help": "Structured pruning instead of single weights: channels (conv output channels / linear "
+                          "rows) or heads (attention heads)."},
+    )
+    prune_schedule: str = field(
+        default="cubic",
+        metadata={"help": "How sparsity grows from prune_start_step to prune_end_step: cubic (gradual magnitude "
+                          "pruning), linear or one_shot."},
+    )
+    prune_start_step: int = field(default=0, metadata={"help": "Optimizer step at which pruning starts."})
+    prune_end_step: int = field(
+        default=None, metadata={"help": "Step at which prune_sparsity is reached (default: 3/4 of the training steps)."}
+    )
+    prune_frequency: int = field(default=None, metadata={"help": "Steps between mask updates (default: about 10 updates)."})
+    # Deployment
+    quantize: str = field(
+        default=None,
+        metadata={"help": "dynamic: also write a post-training dynamic int8 copy of the model to output_dir/quantized."},
     )
 
     def __post_init__(self):
