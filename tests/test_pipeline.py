@@ -157,8 +157,7 @@ def test_resume_continues_exactly(tied_run, tmp_path):
 def test_two_stages_by_two_replicas(tiny_gpt2, tweet_jsonl, tmp_path):  # noqa: F811
     """4 processes = 2 stages x 2 data-parallel replicas of GPT-2: each replica reads its own rows (both
     of its stages the same ones), and 2 micro-batches of 2 on each replica equal one process's 2 of 4.
-    Reference: engine accelerate, whose loss is GPT-2's own; Trainer counts GPT-2's label tokens
-    unshifted (its loss_type is unset), which scales its loss by (block_size - 1) / block_size."""
+    Reference: one process on engine accelerate."""
     ranks, _ = launch(4, llama_args(tiny_gpt2, tweet_jsonl, str(tmp_path / "pipe"), max_steps=4, pipeline_stages=2,
                                  per_device_train_batch_size=2), tmp_path / "probe")
     assert [r["world_size"] for r in ranks] == [4] * 4

@@ -46,6 +46,10 @@ def load_model_and_tokenizer(model_args):
     model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch.float32, **common)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "loss_type", None) is None:
+        # Classes not named *ForCausalLM (GPT2LMHeadModel) leave loss_type unset and fall back to the causal-LM
+        # loss; Trainer then counts their label tokens unshifted and scales every loss by (n - 1) / n.
+        model.loss_type = "ForCausalLM"
     return model, tokenizer
 
 
