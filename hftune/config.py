@@ -18,8 +18,11 @@ import torch
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
+from hftune.adapters import check_peft_args
+from hftune.distillation import check_distillation
 from hftune.engines import check_training_strategy
 from hftune.errors import HftuneError, closest
+from hftune.quantization import check_quantize_args
 from hftune.optim import HF_OPTIMIZERS, HF_SCHEDULES, check_optimizer_name
 from hftune.tasks import get_task
 
@@ -224,22 +227,24 @@ class HftuneTrainingArguments(TrainingArguments):
     )
     # Pruning
     prune_sparsity: float = field(
-        default=None, metadata={"help": "Magnitude-prune weights to this final fraction of zeros, in [0, 1)."}
+        default=None, metadata={"help": "Magnitude-prune the backbone's Linear/Conv weights to this final fraction "
+                                        "of zeros, in [0, 1) (see the README's Pruning)."}
     )
     prune_scope: str = field(
-        default="global", metadata={"help": "global (one magnitude threshold over all pruned layers) or layer (each layer alone)."}
+        default=None, metadata={"help": "global (one magnitude threshold over all pruned layers; the default) or layer "
+                                        "(each layer to the target; the default for channels)."}
     )
     prune_structure: str = field(
         default=None,
-        metadata={"help": "Structured pruning instead of single weights: channels (conv output channels / linear "
+        metadata={"help": "unstructured (single weights; the default), channels (conv output channels / linear "
                           "rows) or heads (attention heads)."},
     )
     prune_schedule: str = field(
-        default="cubic",
+        default=None,
         metadata={"help": "How sparsity grows from prune_start_step to prune_end_step: cubic (gradual magnitude "
-                          "pruning), linear or one_shot."},
+                          "pruning; the default), linear or one_shot."},
     )
-    prune_start_step: int = field(default=0, metadata={"help": "Optimizer step at which pruning starts."})
+    prune_start_step: int = field(default=None, metadata={"help": "Optimizer step at which pruning starts (default 0)."})
     prune_end_step: int = field(
         default=None, metadata={"help": "Step at which prune_sparsity is reached (default: 3/4 of the training steps)."}
     )
@@ -253,6 +258,7 @@ class HftuneTrainingArguments(TrainingArguments):
     def __post_init__(self):
         check_optimizer_name(self.optim)
         check_training_strategy(self)  # before TrainingArguments' own checks, which need DeepSpeed installed
+        check_quantize_args(self)
         optim, schedule = self.optim, self.lr_scheduler_type
         # TrainingArguments only accepts its own enum names: give it a stand-in for ours (plateau's keeps
         # its eval-strategy check and metric_for_best_model default), then put ours back.
@@ -434,6 +440,8 @@ def parse_config(argv=None):
         raise HftuneError(f"unknown argument '{flag}'.{closest(flag.lstrip('-'), field_names())}")
     model_args, data_args, training_args = parsed[:3]  # parsed[3]: the namespace holding --config
     check_data_args(data_args)
+    check_peft_args(model_args, data_args, training_args)
+    check_distillation(model_args, training_args)
     return model_args, data_args, training_args
 
 

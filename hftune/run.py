@@ -18,12 +18,16 @@ from transformers import set_seed
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import get_last_checkpoint
 
+from hftune.adapters import apply_peft
 from hftune.assets import is_asset
 from hftune.config import parse_config, save_resolved_config
 from hftune.data import check_streaming, is_stream, load_raw_datasets
+from hftune.distillation import load_teacher
 from hftune.engines import build_engine
 from hftune.errors import HftuneError
 from hftune.launch import check_world_size
+from hftune.pruning import sparsity_results
+from hftune.quantization import quantize_and_compare
 from hftune.tasks import get_task
 
 logger = logging.getLogger("hftune")
@@ -101,10 +105,12 @@ def setup(model_args, data_args, training_args):
             raise HftuneError(
                 f"could not load model_name_or_path '{model_args.model_name_or_path}': {str(err).splitlines()[0]}"
             ) from None
+        bundle.model, bundle.adapter = apply_peft(bundle.model, model_args, data_args, training_args)
+        teacher = load_teacher(model_args, data_args.task, bundle.model, bundle.processor)
     if training_args.do_predict and bundle.test_dataset is None:
         raise HftuneError("do_predict needs a test split: set test_file, or a dataset_name that has one.")
     save_resolved_config(model_args, data_args, training_args)
-    return build_engine(bundle, training_args, checkpoint), bundle, checkpoint
+    return build_engine(bundle, training_args, checkpoint, teacher), bundle, checkpoint
 
 
 def train(trainer, bundle, training_args, checkpoint):
@@ -112,7 +118,9 @@ def train(trainer, bundle, training_args, checkpoint):
     if training_args.do_train:
         result = trainer.train(resume_from_checkpoint=checkpoint)
         trainer.save_model()
-        metrics = dict(result.metrics)
+        if bundle.adapter is not None:  # PEFT: the base config beside the adapter, and output_dir/merged if asked
+            bundle.adapter.save(trainer, bundle.processor)
+        metrics = {**result.metrics, **sparsity_results(trainer, training_args.output_dir)}
         if not is_stream(bundle.train_dataset):  # a stream has no length
             metrics["train_samples"] = len(bundle.train_dataset)
         trainer.log_metrics("train", metrics)
@@ -122,6 +130,11 @@ def train(trainer, bundle, training_args, checkpoint):
         metrics.update(evaluate(trainer, bundle.eval_dataset, "eval"))
     if training_args.do_predict:
         metrics.update(evaluate(trainer, bundle.test_dataset, "test"))
+    if training_args.quantize and trainer.is_world_process_zero():
+        results = quantize_and_compare(trainer.model, bundle, training_args)
+        trainer.log_metrics("quantize", results)
+        trainer.save_metrics("quantize", results)
+        metrics.update(results)
     return metrics
 
 
@@ -141,7 +154,9 @@ def finish(trainer, bundle, training_args, metrics):
     lines = ["", "hftune: done."]
     if value is not None:
         lines.append(f"  {bundle.main_metric} = {value:.4f} on {metrics.get('eval_samples')} validation examples")
-    if training_args.do_train:
+    if training_args.do_train and bundle.adapter is not None:
+        lines += bundle.adapter.summary(out, bundle.pipeline_task)
+    elif training_args.do_train:
         lines.append(f"  model saved to {out}")
         lines.append(f'  load it: transformers.pipeline("{bundle.pipeline_task}", model="{out}")')
     print("\n".join(lines))

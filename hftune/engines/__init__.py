@@ -10,6 +10,7 @@ from hftune.data import is_stream, shuffle_stream
 from hftune.errors import HftuneError
 from hftune.launch import check_launch_config, deepspeed_config, fsdp_launch, uses_fsdp, zero_stage
 from hftune.optim import check_strategy, name_of, optimizer_spec, updates_per_epoch
+from hftune.pruning import check_pruning
 from hftune.regularization import apply_batchnorm_policy
 
 logger = logging.getLogger("hftune")
@@ -112,6 +113,7 @@ def check_training_strategy(args):
     if args.engine not in ENGINES:
         raise HftuneError(f"unknown engine '{args.engine}'; choose one of {list(ENGINES)}.")
     choose_engine_for_fsdp(args)
+    check_pruning(args)  # before the launch checks: it refuses DeepSpeed, FSDP and pipeline outright
     check_strategy(args)
     check_launch_config(args)
     if args.engine == "accelerate":
@@ -173,8 +175,9 @@ def check_resume(args, checkpoint):
                           "or start fresh in another output_dir.")
 
 
-def build_engine(bundle, args, checkpoint=None):
-    """The engine `args.engine` names, ready to train/evaluate/save like a Trainer."""
+def build_engine(bundle, args, checkpoint=None, teacher=None):
+    """The engine `args.engine` names, ready to train/evaluate/save like a Trainer (distilling from
+    `teacher`, a frozen model, when given)."""
     check_resume(args, checkpoint)
     if args.eval_strategy != "no" and bundle.eval_dataset is None:
         raise HftuneError(f"eval_strategy {name_of(args.eval_strategy)} needs a validation split; set "
@@ -195,11 +198,11 @@ def build_engine(bundle, args, checkpoint=None):
     if args.engine == "accelerate":
         from hftune.engines.accelerate_loop import AccelerateEngine
 
-        return AccelerateEngine(bundle, args)
+        return AccelerateEngine(bundle, args, teacher)
     if args.engine == "pipeline":
         from hftune.engines.pipeline import PipelineEngine
 
         return PipelineEngine(bundle, args)
     from hftune.engines.trainer import build_trainer
 
-    return build_trainer(bundle, args)
+    return build_trainer(bundle, args, teacher)

@@ -32,14 +32,18 @@ from transformers.trainer_callback import (
     CallbackHandler, DefaultFlowCallback, PrinterCallback, ProgressCallback, TrainerControl, TrainerState,
 )
 from transformers.trainer_pt_utils import LabelSmoother, LengthGroupedSampler, log_metrics, save_metrics, save_state
-from transformers.trainer_utils import EvalPrediction, TrainOutput, rotate_checkpoints, seed_worker, speed_metrics
+from transformers.trainer_utils import (
+    EvalPrediction, TrainOutput, rotate_checkpoints, seed_worker, speed_metrics, unwrap_peft_model,
+)
 
+from hftune.distillation import distiller_for
 from hftune.engines.fsdp import cpu_fsdp_for
 from hftune.guards import guard_for
 from hftune.optim import (
     WarmupReduceLROnPlateau, build_optimizer, build_scheduler, describe_strategy, optimizer_spec,
 )
 from hftune.launch import ddp_comm_kwargs
+from hftune.pruning import pruning_callback
 from hftune.regularization import clip_grad_value_, early_stopping_callback, penalties_for
 
 logger = logging.getLogger("hftune")
@@ -71,22 +75,25 @@ class AccelerateEngine:
 
     log_metrics, save_metrics, save_state = log_metrics, save_metrics, save_state
 
-    def __init__(self, bundle, args):
+    def __init__(self, bundle, args, teacher=None):
         self.bundle, self.args = bundle, args
         # Trainer reseeds here too, so both engines draw the same data order and dropout masks.
         enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
         self.accelerator = make_accelerator(args, isinstance(bundle.model, PreTrainedModel))
         self.fsdp = cpu_fsdp_for(self.accelerator)  # None unless FSDP on CPU: then the model stays out of prepare
         self.model = bundle.model
-        self.is_causal = type(self.model).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+        # the class under a peft wrapper (PeftModelForCausalLM is no causal-LM class name)
+        self.is_causal = type(unwrap_peft_model(self.model)).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
         self.label_smoother = LabelSmoother(args.label_smoothing_factor) if args.label_smoothing_factor else None
         self.penalties = penalties_for(self.model, args)
+        self.distiller = distiller_for(teacher, args, self.accelerator)
         self.guard = guard_for(args, self.accelerator)
         self.needs_closure = getattr(optimizer_spec(args), "needs_closure", False)
         self.optimizer = self.lr_scheduler = None
         self.state, self.control = self._new_state(), TrainerControl()
         callbacks = [DefaultFlowCallback, *get_reporting_integration_callbacks(args.report_to),
-                     PrinterCallback if args.disable_tqdm else ProgressCallback, early_stopping_callback(args)]
+                     PrinterCallback if args.disable_tqdm else ProgressCallback, early_stopping_callback(args),
+                     pruning_callback(self.model, args, bundle.train_dataset if args.do_train else None)]
         self.callback_handler = CallbackHandler([c for c in callbacks if c is not None], self.model,
                                                 bundle.processor, None, None)
 
@@ -151,9 +158,17 @@ class AccelerateEngine:
         for i, batch in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
             with nullcontext() if last else self._no_sync():
-                loss = self.penalties.add_to(self.compute_loss(self.model, batch)[0]) / len(micro_batches)
+                loss = self._training_loss(batch) / len(micro_batches)
                 self.accelerator.backward(loss)
             self._add_to_logged_loss(loss.detach())
+
+    def _training_loss(self, batch):
+        """The task loss, mixed with the teacher's distillation term, plus the penalties."""
+        loss, outputs = self.compute_loss(self.model, batch)
+        if self.distiller is not None:
+            loss = self.distiller.mix(loss, outputs["logits"], batch, batch.get("labels"),
+                                      accumulation=self.args.gradient_accumulation_steps)
+        return self.penalties.add_to(loss)
 
     def _no_sync(self):
         return self.fsdp.no_sync(self.model) if self.fsdp else self.accelerator.no_sync(self.model)
@@ -170,7 +185,7 @@ class AccelerateEngine:
 
         def closure():
             self.optimizer.zero_grad()
-            loss = self.penalties.add_to(self.compute_loss(self.model, batch)[0])
+            loss = self._training_loss(batch)
             self.accelerator.backward(loss)
             losses.append(self.accelerator.reduce(loss.detach(), "mean"))  # all ranks decide alike
             return losses[-1]
@@ -360,6 +375,8 @@ class AccelerateEngine:
             logs.update(self.bundle.derived_metrics(logs))
         if "loss" in logs:
             logs.update(self.penalties.pop_means())
+            if self.distiller is not None:  # every process logs the training loss at the same steps
+                logs.update(self.distiller.pop_means(lambda sums: self.accelerator.reduce(sums, "mean")))
         if self.state.epoch is not None:
             logs["epoch"] = self.state.epoch
         self.state.log_history.append({**logs, "step": self.state.global_step})

@@ -7,12 +7,14 @@ import logging
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import has_length
 
+from hftune.distillation import distiller_for
 from hftune.guards import guard_for
 from hftune.launch import ddp_comm_kwargs
 from hftune.optim import (
     WarmupReduceLROnPlateau, build_optimizer, build_scheduler, decay_parameter_names, describe_strategy,
     optimizer_spec, updates_per_epoch,
 )
+from hftune.pruning import pruning_callback
 from hftune.regularization import clip_grad_value_, early_stopping_callback, penalties_for
 
 logger = logging.getLogger("hftune")
@@ -38,18 +40,23 @@ class StrategyCallback(TrainerCallback):
 
 
 class HftuneTrainer(Trainer):
-    """Trainer that builds hftune's optimizer and schedule, adds penalties to the loss, clips by a
-    p-norm, and adds derived metrics (e.g. perplexity) and penalty values to every log line."""
+    """Trainer that builds hftune's optimizer and schedule, adds a teacher's distillation term and
+    penalties to the loss, clips by a p-norm, and adds derived metrics (e.g. perplexity), penalty
+    values and the distillation loss's parts to every log line."""
 
-    def __init__(self, *args, derived_metrics=None, **kwargs):
+    def __init__(self, *args, derived_metrics=None, teacher=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.derived_metrics = derived_metrics
         self.penalties = penalties_for(self.model, self.args)
+        self.distiller = distiller_for(teacher, self.args, self.accelerator)
         guard = guard_for(self.args, self.accelerator)
         self.add_callback(StrategyCallback(self.accelerator, self.args.max_grad_value, guard))
         stopper = early_stopping_callback(self.args)
         if stopper is not None:
             self.add_callback(stopper)
+        pruner = pruning_callback(self.model, self.args, self.train_dataset)
+        if pruner is not None:
+            self.add_callback(pruner)
 
     def get_decay_parameter_names(self, model):
         return decay_parameter_names(model)  # Trainer's own misses BatchNorm and other norms by type
@@ -88,29 +95,45 @@ class HftuneTrainer(Trainer):
                                                 norm_type=self.args.max_grad_norm_type)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+        distilling = self.distiller is not None and model.training
+        labels = inputs.get("labels")  # label smoothing pops them from inputs
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs or distilling,
                                       num_items_in_batch=num_items_in_batch)
-        if not (self.penalties and model.training):
+        if not ((self.penalties or distilling) and model.training):
             return result
-        loss, outputs = result if return_outputs else (result, None)
+        loss, outputs = result if return_outputs or distilling else (result, None)
         # training_step divides the loss by the accumulation steps unless it is already normalized
         # by num_items_in_batch; the penalty must count once per optimizer step either way.
         scaled = self.loss_is_scaled_for_ga
         if scaled is None:
             scaled = self.compute_loss_func is not None or (
                 self.model_accepts_loss_kwargs and num_items_in_batch is not None)
+        if distilling:
+            loss = self._distill(loss, outputs, inputs, labels, num_items_in_batch, scaled)
         loss = self.penalties.add_to(loss, 1 / self.current_gradient_accumulation_steps if scaled else 1.0)
         return (loss, outputs) if return_outputs else loss
+
+    def _distill(self, loss, outputs, inputs, labels, num_items_in_batch, scaled):
+        """The distillation term normalized as Trainer normalized the task loss: a batch mean, or (causal
+        LM) a sum over the accumulated batch's tokens, which Trainer then multiplies by the processes."""
+        tokens = None
+        if scaled and num_items_in_batch is not None:
+            processes = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
+            tokens = num_items_in_batch / processes
+        return self.distiller.mix(loss, outputs.logits, inputs, labels, num_items=tokens,
+                                  accumulation=self.current_gradient_accumulation_steps, scaled=scaled)
 
     def log(self, logs, *args, **kwargs):
         if self.derived_metrics:
             logs.update(self.derived_metrics(logs))  # in place: evaluate() returns this same dict
         if "loss" in logs:
             logs.update(self.penalties.pop_means())
+            if self.distiller is not None:  # every process logs the training loss at the same steps
+                logs.update(self.distiller.pop_means(lambda sums: self.accelerator.reduce(sums, "mean")))
         super().log(logs, *args, **kwargs)
 
 
-def build_trainer(bundle, training_args):
+def build_trainer(bundle, training_args, teacher=None):
     return HftuneTrainer(
         model=bundle.model,
         args=training_args,
@@ -120,4 +143,5 @@ def build_trainer(bundle, training_args):
         data_collator=bundle.data_collator,
         compute_metrics=bundle.compute_metrics,
         derived_metrics=bundle.derived_metrics,
+        teacher=teacher,
     )

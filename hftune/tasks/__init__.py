@@ -33,6 +33,7 @@ class TaskBundle:
     derived_metrics: Callable = None  # dict of metrics -> extra metrics (e.g. perplexity)
     test_dataset: Any = None
     pipeline_task: str = None  # transformers.pipeline task that loads the saved model
+    adapter: Any = None  # hftune.adapters.AdapterSaver under peft: saves what the adapter needs beside it
 
 
 def pretrained_source(model_args):

@@ -23,6 +23,7 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, default_data_collator
 
+from hftune.adapters import quantized_loading
 from hftune.data import apply_batched, is_stream, limit_splits, require_columns
 from hftune.errors import HftuneError
 from hftune.tasks import TaskBundle, load_config, pretrained_source
@@ -43,7 +44,9 @@ def load_model_and_tokenizer(model_args):
     # float32 weights whatever the checkpoint's dtype (transformers 5 defaults to it, often bf16):
     # pure-bf16 AdamW steps lose small updates; `bf16: true` adds autocast on top of float32 weights.
     config = load_config(model_args, path, common)
-    model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch.float32, **common)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, config=config, dtype=torch.float32, **quantized_loading(model_args, "causal-lm"), **common
+    )
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if getattr(model, "loss_type", None) is None:

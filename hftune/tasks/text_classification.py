@@ -6,6 +6,7 @@ import torch
 from datasets import ClassLabel
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
+from hftune.adapters import quantized_loading
 from hftune.data import apply_batched, class_names, label_ids, limit_splits, require_columns
 from hftune.metrics import load_metric
 from hftune.tasks import TaskBundle, load_config, pretrained_source
@@ -22,7 +23,7 @@ def load_model(model_args, names):
     # float32 master weights whatever the checkpoint's dtype (transformers 5 keeps bf16 ones as bf16).
     model = AutoModelForSequenceClassification.from_pretrained(
         path, config=config, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
-        dtype=torch.float32, **common
+        dtype=torch.float32, **quantized_loading(model_args, "text-classification"), **common
     )
     # The classification loss is a per-example mean that ignores `num_items_in_batch`; without this,
     # Trainer multiplies it by the world size under DDP (2x loss and gradient on 2 processes).
