@@ -128,6 +128,7 @@ def quantize_and_compare(model, bundle, args):
     quantized = quantize_dynamic_int8(float_copy(model))
     folder = os.path.join(args.output_dir, "quantized")
     os.makedirs(folder, exist_ok=True)
+    quantized.config.architectures = [type(original).__name__]  # what load_quantized rebuilds
     quantized.config.save_pretrained(folder)
     if bundle.processor is not None:
         bundle.processor.save_pretrained(folder)

@@ -179,6 +179,15 @@ def test_accelerate_engine_distills_like_trainer(tiny_bert, text_data, text_teac
         assert step_logs(history, key) == pytest.approx(step_logs(text_runs["distilled"][2], key), abs=1e-5)
 
 
+def test_lora_student_distills_through_its_adapter(tiny_bert, text_data, text_teacher, tmp_path):
+    _, history = run_engine(strategy_args(tiny_bert, tmp_path / "lora", *text_data[:2], **STUDENT, peft="lora",
+                                          teacher_model_name_or_path=text_teacher))
+    loss, task, distill = (step_logs(history, key) for key in ("loss", "task_loss", "distill_loss"))
+    assert loss == pytest.approx([0.5 * t + 0.5 * d for t, d in zip(task, distill)], rel=1e-5)
+    assert distill[-1] < distill[0]
+    assert (tmp_path / "lora" / "adapter_model.safetensors").is_file()
+
+
 # ---- causal LM ----
 
 def save_llama(path, tokenizer, hidden_size=32, seed=0):

@@ -43,6 +43,20 @@ def test_quantized_classifier_is_smaller_reports_its_metric_and_reloads(tiny_ber
     assert not torch.equal(got, float_logits) and torch.allclose(got, float_logits, atol=0.05)
 
 
+def test_lora_run_is_quantized_with_its_adapter_merged(tiny_bert, tweets_csv, tmp_path):
+    out = tmp_path / "out"
+    main(strategy_args(tiny_bert, out, *tweets_csv, peft="lora", merge_adapter="true", quantize="dynamic",
+                       do_eval="true"))
+    results = read_json(out / "all_results.json")
+    assert abs(results["quantize_before_eval_loss"] - results["eval_loss"]) < 1e-4
+    merged = AutoModelForSequenceClassification.from_pretrained(out / "merged").eval()
+    tokenizer = AutoTokenizer.from_pretrained(out / "quantized")
+    batch = tokenizer(["what a lovely day", "the flight was delayed again"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        got = load_quantized(out / "quantized")(**batch).logits
+        assert torch.allclose(got, quantize_dynamic_int8(merged)(**batch).logits, atol=1e-4)
+
+
 def tiny_gpt2(path):
     tokenizer = AutoTokenizer.from_pretrained(resolve_model("asset:all-MiniLM-L6-v2"))
     tokenizer.eos_token = "[SEP]"
