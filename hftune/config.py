@@ -25,6 +25,7 @@ from hftune.errors import HftuneError, closest
 from hftune.quantization import check_quantize_args
 from hftune.optim import HF_OPTIMIZERS, HF_SCHEDULES, check_optimizer_name
 from hftune.tasks import get_task
+from hftune.tasks.causal_lm import check_padding_free
 
 DEFAULT_RECIPE = "text_classification"
 
@@ -126,6 +127,14 @@ class DataArguments:
         metadata={
             "help": "causal-lm: concatenate all texts and cut them into block_size blocks (true), "
             "or truncate each text on its own (false)."
+        },
+    )
+    padding_free: bool = field(
+        default=None,
+        metadata={
+            "help": "causal-lm with concatenate_texts: false: flatten each batch into one row without padding "
+            "(DataCollatorWithFlattening; position ids keep every text to itself). Default: on wherever the "
+            "model keeps the texts apart exactly, else padded batches; false: always pad."
         },
     )
     max_train_samples: int = field(default=None, metadata={"help": "Keep at most this many training examples."})
@@ -290,6 +299,7 @@ TASK_FIELDS = {
     "text_pair_column": ("text-classification",),
     "block_size": ("causal-lm",),
     "concatenate_texts": ("causal-lm",),
+    "padding_free": ("causal-lm",),
     "image_column": ("image-classification",),
 }
 
@@ -442,6 +452,7 @@ def parse_config(argv=None):
     check_data_args(data_args)
     check_peft_args(model_args, data_args, training_args)
     check_distillation(model_args, training_args)
+    check_padding_free(model_args, data_args, training_args)
     return model_args, data_args, training_args
 
 

@@ -29,6 +29,7 @@ from hftune.launch import check_world_size
 from hftune.pruning import sparsity_results
 from hftune.quantization import quantize_and_compare
 from hftune.tasks import get_task
+from hftune.throughput import throughput_results
 
 logger = logging.getLogger("hftune")
 
@@ -120,7 +121,8 @@ def train(trainer, bundle, training_args, checkpoint):
         trainer.save_model()
         if bundle.adapter is not None:  # PEFT: the base config beside the adapter, and output_dir/merged if asked
             bundle.adapter.save(trainer, bundle.processor)
-        metrics = {**result.metrics, **sparsity_results(trainer, training_args.output_dir)}
+        metrics = {**result.metrics, **sparsity_results(trainer, training_args.output_dir),
+                   **throughput_results(trainer)}
         if not is_stream(bundle.train_dataset):  # a stream has no length
             metrics["train_samples"] = len(bundle.train_dataset)
         trainer.log_metrics("train", metrics)

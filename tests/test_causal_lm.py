@@ -120,7 +120,7 @@ def test_packing_keeps_the_token_stream(tiny_llama, tweet_texts):
 
 def test_per_example_masks_only_padding(tiny_llama, tweet_texts):
     raw = DatasetDict({"train": Dataset.from_dict({"text": tweet_texts[:8]})})
-    bundle = build_bundle(tiny_llama, raw, concatenate_texts=False, max_seq_length=16)
+    bundle = build_bundle(tiny_llama, raw, concatenate_texts=False, max_seq_length=16, padding_free=False)
     examples = [bundle.train_dataset[i] for i in range(8)]
     assert max(len(e["input_ids"]) for e in examples) == 16
     batch = bundle.data_collator(examples)

@@ -45,6 +45,7 @@ from hftune.optim import (
 from hftune.launch import ddp_comm_kwargs
 from hftune.pruning import pruning_callback
 from hftune.regularization import clip_grad_value_, early_stopping_callback, penalties_for
+from hftune.throughput import ThroughputCallback
 
 logger = logging.getLogger("hftune")
 ENGINE_STATE = "engine_state"  # Accelerator.save_state's folder inside checkpoint-N
@@ -93,7 +94,8 @@ class AccelerateEngine:
         self.state, self.control = self._new_state(), TrainerControl()
         callbacks = [DefaultFlowCallback, *get_reporting_integration_callbacks(args.report_to),
                      PrinterCallback if args.disable_tqdm else ProgressCallback, early_stopping_callback(args),
-                     pruning_callback(self.model, args, bundle.train_dataset if args.do_train else None)]
+                     pruning_callback(self.model, args, bundle.train_dataset if args.do_train else None),
+                     ThroughputCallback(self.model, self.accelerator)]
         self.callback_handler = CallbackHandler([c for c in callbacks if c is not None], self.model,
                                                 bundle.processor, None, None)
 

@@ -16,6 +16,7 @@ from hftune.optim import (
 )
 from hftune.pruning import pruning_callback
 from hftune.regularization import clip_grad_value_, early_stopping_callback, penalties_for
+from hftune.throughput import ThroughputCallback
 
 logger = logging.getLogger("hftune")
 
@@ -57,6 +58,7 @@ class HftuneTrainer(Trainer):
         pruner = pruning_callback(self.model, self.args, self.train_dataset)
         if pruner is not None:
             self.add_callback(pruner)
+        self.add_callback(ThroughputCallback(self.model, self.accelerator))  # after the others: it times their work too
 
     def get_decay_parameter_names(self, model):
         return decay_parameter_names(model)  # Trainer's own misses BatchNorm and other norms by type

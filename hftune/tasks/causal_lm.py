@@ -4,8 +4,13 @@ metric perplexity = exp(eval_loss).
 Two ways to turn texts into examples (`concatenate_texts`):
 - true: every text plus an EOS, joined into one token stream cut into `block_size` blocks, as
   transformers' run_clm.py does: no padding, every position is trained on.
-- false: each text on its own, truncated to `max_seq_length`; the collator pads each batch and
-  sets the padded positions of the labels to -100 so they carry no loss.
+- false: each text on its own, truncated to `max_seq_length`. By default (`padding_free`) each
+  batch is flattened into one row with no padding (transformers' DataCollatorWithFlattening):
+  position ids restart at 0 for every text, from which the model's mask keeps every text to
+  itself, and each text's first label is -100, so no token predicts across a boundary: the same
+  logits and token-weighted loss as padded batches, without computing padding. With
+  `padding_free: false`, or where the model would let the texts see each other, the collator pads
+  each batch and sets the padded positions of the labels to -100 so they carry no loss.
 
 Example:
     >>> from hftune.run import main
@@ -21,9 +26,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, default_data_collator
+from transformers import (
+    AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, DataCollatorWithFlattening, default_data_collator,
+)
+from transformers.integrations import is_deepspeed_zero3_enabled
 
-from hftune.adapters import quantized_loading
+from hftune.adapters import PEFT_METHODS, quantized_loading
 from hftune.data import apply_batched, is_stream, limit_splits, require_columns
 from hftune.errors import HftuneError
 from hftune.tasks import TaskBundle, load_config, pretrained_source
@@ -135,10 +143,84 @@ def prepare(raw, tokenizer, data_args, length):
             prepared[split] = pack(tokenized, length)
         else:
             tokenized = tokenize(dataset, tokenizer, text, split, max_length=length, num_proc=workers)
-            # labels padded with -100 by the collator, not masked by token id: with pad == eos,
-            # DataCollatorForLanguageModeling(mlm=False) would also hide every real EOS from the loss.
             prepared[split] = apply_batched(tokenized, "map", lambda b: {"labels": b["input_ids"]}, num_proc=workers)
     return prepared
+
+
+class FlatteningCollator(DataCollatorWithFlattening):
+    """DataCollatorWithFlattening plus `use_cache=False`: masking_utils reads packed texts from the
+    position ids only when the forward builds no KV cache, and a causal LM builds one by default
+    (in training too), which silently lets every text attend to the texts before it."""
+
+    def __call__(self, features, return_tensors=None, separator_id=None):
+        return {**super().__call__(features, return_tensors, separator_id), "use_cache": False}
+
+
+def check_padding_free(model_args, data_args, args):
+    """Config-only checks of `padding_free` (true, false, or unset: on where it is exact); an unset
+    value becomes false where padding-free batches cannot be used."""
+    if data_args.task != "causal-lm":
+        return
+    if data_args.concatenate_texts:
+        if data_args.padding_free is not None:
+            raise HftuneError("padding_free applies to concatenate_texts: false (packed blocks have no padding); "
+                              "drop padding_free or set concatenate_texts: false.")
+        return
+    blockers = {
+        f"peft: {model_args.peft} (its virtual tokens break the packed row's position ids)":
+            model_args.peft in PEFT_METHODS and not PEFT_METHODS[model_args.peft].wraps_modules,
+        "engine: pipeline (it builds its own attention mask over the whole row)": args.engine == "pipeline",
+        "a teacher_model_name_or_path (the teacher's attention is not checked)":
+            bool(model_args.teacher_model_name_or_path),
+    }
+    for what, blocked in blockers.items():
+        if blocked and data_args.padding_free:
+            raise HftuneError(f"padding_free: true cannot be used with {what}; set padding_free: false.")
+        if blocked:
+            data_args.padding_free = False
+
+
+def packing_leak(model, collator):
+    """None when the model keeps flattened texts apart (the second of two packed texts gets the
+    logits it gets alone), else what goes wrong. Only the model's code can tell: masking_utils
+    isolates texts by their position ids, models with a mask of their own do not."""
+    if is_deepspeed_zero3_enabled():  # partitioned weights: no forward outside the DeepSpeed engine
+        return "ZeRO-3 partitions the model before hftune can check that packed texts stay apart"
+    vocab = model.get_input_embeddings().num_embeddings
+    first, second = [i % vocab for i in range(1, 6)], [i % vocab for i in range(6, 9)]
+    packed = {k: v.to(model.device) if torch.is_tensor(v) else v
+              for k, v in collator([{"input_ids": first}, {"input_ids": second}]).items() if k != "labels"}
+    training = model.training
+    model.eval()  # no dropout
+    try:
+        with torch.no_grad():
+            together = model(**packed).logits[0, len(first):]
+            alone = model(input_ids=torch.tensor([second], device=model.device), use_cache=False).logits[0]
+    except (TypeError, ValueError, RuntimeError) as err:
+        return f"its forward fails on a flattened batch ({type(err).__name__}: {str(err).splitlines()[0]})"
+    finally:
+        model.train(training)
+    error = (together - alone).abs().max().item()
+    if error > 1e-4 * max(1.0, alone.abs().max().item()):  # float32 round-off is ~1e-7; a leak, >1e-3
+        return f"its attention lets packed texts see each other (logits off by {error:.2g})"
+    return None
+
+
+def per_example_collator(data_args, model, tokenizer):
+    """Padding-free batches where they are exact (padding_free true or unset), else padded ones."""
+    if data_args.padding_free is not False:
+        collator = FlatteningCollator()
+        leak = packing_leak(model, collator)
+        if leak is None:
+            return collator
+        name = f"{model.config.model_type} ({model.config._attn_implementation} attention)"
+        if data_args.padding_free:
+            raise HftuneError(f"padding_free: true, but for {name} {leak}; set padding_free: false "
+                              "(Llama, GPT-2 and other models whose mask follows position_ids support it).")
+        logger.info("padded batches: padding-free ones would be inexact for %s: %s.", name, leak)
+    # labels padded with -100 by the collator, not masked by token id: with pad == eos,
+    # DataCollatorForLanguageModeling(mlm=False) would also hide every real EOS from the loss.
+    return DataCollatorForSeq2Seq(tokenizer)
 
 
 def perplexity(metrics):
@@ -172,7 +254,7 @@ def build(model_args, data_args, raw):
             + (f", or fewer than block_size={length} tokens per 1,000 texts" if data_args.concatenate_texts else "")
             + "; check the data or lower block_size."
         )
-    collator = default_data_collator if data_args.concatenate_texts else DataCollatorForSeq2Seq(tokenizer)
+    collator = default_data_collator if data_args.concatenate_texts else per_example_collator(data_args, model, tokenizer)
     return TaskBundle(
         model=model, processor=tokenizer, train_dataset=prepared.get("train"),
         eval_dataset=prepared.get("validation"), test_dataset=prepared.get("test"),

@@ -1,0 +1,125 @@
+"""causal-lm padding-free batches (concatenate_texts: false, padding_free unset or true): every text
+in a flattened batch gets the logits it gets alone, the loss is the token-weighted mean of the texts'
+losses, a run matches padded batches step for step, and what cannot be exact is refused."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+from datasets import Dataset, DatasetDict
+from transformers import AutoTokenizer, DataCollatorForSeq2Seq, GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM
+
+from conftest import fail, logged_losses
+from hftune.config import DataArguments, ModelArguments
+from hftune.errors import HftuneError
+from hftune.run import main
+from hftune.tasks import causal_lm
+from test_causal_lm import tiny_llama, tweet_jsonl, tweet_texts  # noqa: F401 (fixtures)
+
+
+def save_tiny(path, tokenizer_source, config_class, model_class, **sizes):
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+    config = config_class(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=tokenizer.pad_token_id, **sizes)
+    torch.manual_seed(0)
+    model_class(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2(tmp_path_factory, tiny_llama):  # noqa: F811
+    """GPT-2: learned absolute positions, dropout off so training-mode forwards compare exactly."""
+    return save_tiny(tmp_path_factory.mktemp("gpt2"), tiny_llama, GPT2Config, GPT2LMHeadModel, n_positions=64,
+                     n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_opt(tmp_path_factory, tiny_llama):  # noqa: F811
+    """OPT derives its positions from the attention mask and builds its own mask: packed texts leak."""
+    return save_tiny(tmp_path_factory.mktemp("opt"), tiny_llama, OPTConfig, OPTForCausalLM, hidden_size=32,
+                     num_hidden_layers=2, num_attention_heads=2, ffn_dim=64, word_embed_proj_dim=32, dropout=0.0)
+
+
+def build_bundle(model, texts, **data):
+    raw = DatasetDict({"train": Dataset.from_dict({"text": texts})})
+    data_args = DataArguments(task="causal-lm", concatenate_texts=False, max_seq_length=48, **data)
+    return causal_lm.build(ModelArguments(model_name_or_path=model), data_args, raw)
+
+
+@pytest.mark.parametrize("model", ["tiny_llama", "tiny_gpt2"])
+def test_each_packed_text_gets_its_own_logits_and_loss(model, request, tweet_texts):  # noqa: F811
+    bundle = build_bundle(request.getfixturevalue(model), tweet_texts[:6])
+    assert isinstance(bundle.data_collator, causal_lm.FlatteningCollator)
+    examples = [bundle.train_dataset[i] for i in range(6)]
+    batch = bundle.data_collator(examples)
+    lengths = [len(e["input_ids"]) for e in examples]
+    assert batch["input_ids"].shape == (1, sum(lengths)) and len(set(lengths)) > 1  # one row, no padding
+
+    model = bundle.model.train()  # as in training: a causal LM would build a KV cache and let texts mix
+    packed = model(**batch)
+    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    losses = []
+    for example, start, length in zip(examples, starts, lengths):
+        ids = torch.tensor([example["input_ids"]])
+        alone = model(input_ids=ids, labels=ids)
+        torch.testing.assert_close(packed.logits[0, start:start + length], alone.logits[0], atol=1e-5, rtol=1e-5)
+        losses.append(alone.loss.item())
+    predicted = [length - 1 for length in lengths]  # the first token of each text is predicted by none
+    weighted = sum(loss * n for loss, n in zip(losses, predicted)) / sum(predicted)
+    assert packed.loss.item() == pytest.approx(weighted, abs=1e-5)
+
+
+def run(tmp_path, model, train, validation, name, **overrides):
+    recipe = dict(
+        task="causal-lm", model_name_or_path=model, train_file=str(train), validation_file=str(validation),
+        output_dir=str(tmp_path / name), concatenate_texts=False, max_seq_length=32, max_steps=8,
+        per_device_train_batch_size=4, gradient_accumulation_steps=2, learning_rate=1e-2, warmup_steps=0,
+        logging_steps=1, eval_strategy="no", do_eval=False, save_strategy="no", report_to="none", seed=0,
+        **overrides,
+    )
+    (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(recipe))
+    main(["--config", str(tmp_path / f"{name}.yaml")])
+    return logged_losses(recipe["output_dir"])
+
+
+def test_training_matches_padded_batches_step_for_step(tmp_path, tiny_llama, tweet_jsonl):  # noqa: F811
+    """Trainer weighs tokens across micro-batches by its label count: the same count either way."""
+    flat = run(tmp_path, tiny_llama, *tweet_jsonl, "flat")
+    padded = run(tmp_path, tiny_llama, *tweet_jsonl, "padded", padding_free=False)
+    assert len(flat) == 8
+    assert flat[0] == pytest.approx(padded[0], abs=1e-5)
+    assert flat == pytest.approx(padded, abs=1e-4)
+    assert flat[-1] < flat[0] - 0.5, flat  # from ln(30522) = 10.3 at random init
+
+
+def test_a_model_that_mixes_packed_texts_gets_padded_batches(tiny_opt, tweet_texts):  # noqa: F811
+    assert isinstance(build_bundle(tiny_opt, tweet_texts[:4]).data_collator, DataCollatorForSeq2Seq)
+    with pytest.raises(HftuneError, match=r"padding_free: true, but for opt .*see each other"):
+        build_bundle(tiny_opt, tweet_texts[:4], padding_free=True)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--task=causal-lm"], "padding_free applies to concatenate_texts: false"),  # blocks by default
+    (["--task=causal-lm", "--concatenate_texts=false", "--peft=prompt_tuning"],
+     "padding_free: true cannot be used with peft: prompt_tuning"),
+    (["--task=text-classification"], "padding_free does not apply to task text-classification"),
+])
+def test_bad_combinations_are_refused(capsys, tmp_path, tiny_llama, tweet_jsonl, flags, message):  # noqa: F811
+    train, validation = tweet_jsonl
+    argv = [f"--model_name_or_path={tiny_llama}", f"--train_file={train}", f"--validation_file={validation}",
+            "--padding_free=true", "--max_steps=1", f"--output_dir={tmp_path}/out", "--report_to=none", *flags]
+    assert message in fail(capsys, argv)
+
+
+@pytest.mark.parametrize("model, engine", [(dict(teacher_model_name_or_path="teacher"), "trainer"),
+                                           (dict(), "pipeline")], ids=["teacher", "pipeline"])
+def test_unset_padding_free_pads_where_it_is_not_checked(model, engine):
+    args = SimpleNamespace(engine=engine)  # a real pipeline config also needs a DeepSpeed launch
+    data_args = DataArguments(task="causal-lm", concatenate_texts=False)
+    causal_lm.check_padding_free(ModelArguments(**model), data_args, args)
+    assert data_args.padding_free is False
+    with pytest.raises(HftuneError, match="padding_free: true cannot be used with"):
+        causal_lm.check_padding_free(ModelArguments(**model), DataArguments(task="causal-lm", concatenate_texts=False,
+                                                                            padding_free=True), args)
