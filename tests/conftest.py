@@ -44,6 +44,23 @@ def tiny_bert(tmp_path_factory):
     return str(path)
 
 
+@pytest.fixture(scope="session")
+def tiny_gpt(tmp_path_factory):
+    """A 2-layer GPT-2 (its output head tied to the token embedding) with the real MiniLM tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    path = tmp_path_factory.mktemp("tiny-gpt")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("asset:all-MiniLM-L6-v2"))
+    tokenizer.eos_token = "[SEP]"
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=128,
+                        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.cls_token_id)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
 @pytest.fixture
 def tweets_csv(tmp_path, tweets):
     """train.csv / validation.csv with 3 string labels drawn from the real corpus."""

@@ -4,12 +4,10 @@ its eval metric before and after in the results; the copy reloads without unrest
 import os
 
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, GPT2Config, GPT2LMHeadModel
-
 from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, GPT2LMHeadModel
 
 from conftest import fail, read_json, strategy_args
-from hftune.assets import resolve_model
 from hftune.quantization import _conv1d_to_linear, load_quantized, quantize_dynamic_int8
 from hftune.run import main
 
@@ -57,19 +55,8 @@ def test_lora_run_is_quantized_with_its_adapter_merged(tiny_bert, tweets_csv, tm
         assert torch.allclose(got, quantize_dynamic_int8(merged)(**batch).logits, atol=1e-4)
 
 
-def tiny_gpt2(path):
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model("asset:all-MiniLM-L6-v2"))
-    tokenizer.eos_token = "[SEP]"
-    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=128,
-                        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.cls_token_id)
-    torch.manual_seed(0)
-    GPT2LMHeadModel(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-def test_gpt2_conv1d_layers_are_quantized_and_perplexity_is_reported(tweets_csv, tmp_path):
-    model_dir = tiny_gpt2(tmp_path / "gpt2")
+def test_gpt2_conv1d_layers_are_quantized_and_perplexity_is_reported(tiny_gpt, tweets_csv, tmp_path):
+    model_dir = tiny_gpt
     model = GPT2LMHeadModel.from_pretrained(model_dir).eval()
     ids = torch.randint(0, 1000, (2, 12))
     with torch.no_grad():

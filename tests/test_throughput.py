@@ -6,35 +6,19 @@ import json
 
 import pandas as pd
 import pytest
-import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import (
     AutoImageProcessor, AutoModelForCausalLM, AutoModelForImageClassification, AutoModelForSequenceClassification,
-    AutoTokenizer, GPT2Config, GPT2LMHeadModel,
+    AutoTokenizer,
 )
 
 from conftest import cli_flags, read_json, run_engine, strategy_args
-from hftune.assets import resolve_model
 
 STEPS, BATCH = 4, 16
 COMMON = ("train_measured_steps", "train_measured_seconds", "train_measured_samples_per_second",
           "train_model_flops_per_second", "train_peak_flops", "train_peak_flops_source", "train_mfu",
           "train_peak_memory_mib", "train_peak_memory_kind")
-
-
-@pytest.fixture(scope="module")
-def tiny_gpt(tmp_path_factory):
-    """A 2-layer GPT-2 (its output head tied to the token embedding) with the real MiniLM tokenizer."""
-    path = tmp_path_factory.mktemp("tiny-gpt")
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model("asset:all-MiniLM-L6-v2"))
-    tokenizer.eos_token = "[SEP]"
-    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=128,
-                        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.cls_token_id)
-    torch.manual_seed(0)
-    GPT2LMHeadModel(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
 
 
 def check_common(results, batch=BATCH, steps=STEPS):
