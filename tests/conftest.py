@@ -61,13 +61,19 @@ def tiny_gpt(tmp_path_factory):
     return str(path)
 
 
+def write_tweet_split(tweets, folder, rows=400, train_rows=320):
+    """folder/train.csv and folder/validation.csv: `rows` tweets (text, sentiment), the first
+    `train_rows` for training; returns both paths."""
+    sample = tweets.sample(n=rows, random_state=0)[["text", "sentiment"]]
+    sample.iloc[:train_rows].to_csv(folder / "train.csv", index=False)
+    sample.iloc[train_rows:].to_csv(folder / "validation.csv", index=False)
+    return folder / "train.csv", folder / "validation.csv"
+
+
 @pytest.fixture
 def tweets_csv(tmp_path, tweets):
     """train.csv / validation.csv with 3 string labels drawn from the real corpus."""
-    sample = tweets.sample(n=400, random_state=0)[["text", "sentiment"]]
-    sample.iloc[:320].to_csv(tmp_path / "train.csv", index=False)
-    sample.iloc[320:].to_csv(tmp_path / "validation.csv", index=False)
-    return tmp_path / "train.csv", tmp_path / "validation.csv"
+    return write_tweet_split(tweets, tmp_path)
 
 
 CLASSES = {0: "zero", 1: "one", 2: "two"}  # digit classes used by the image tests

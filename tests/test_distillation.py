@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -18,7 +19,9 @@ from transformers import (
     ResNetForImageClassification,
 )
 
-from conftest import aborted_at_exit, cli_flags, fail, read_json, run_engine, step_logs, strategy_args
+from conftest import (
+    aborted_at_exit, cli_flags, fail, read_json, run_engine, step_logs, strategy_args, write_tweet_split,
+)
 from hftune.assets import resolve_model
 from hftune.distillation import distillation_loss
 from hftune.errors import HftuneError
@@ -118,11 +121,8 @@ def kl_of(auto_class, teacher_dir, student_dir, batch, causal=False):
 
 @pytest.fixture(scope="module")
 def text_data(tmp_path_factory, tweets):
-    folder = tmp_path_factory.mktemp("tweets")
-    sample = tweets.sample(n=400, random_state=0)[["text", "sentiment"]]
-    sample.iloc[:320].to_csv(folder / "train.csv", index=False)
-    sample.iloc[320:].to_csv(folder / "validation.csv", index=False)
-    return folder / "train.csv", folder / "validation.csv", sample.iloc[320:]["text"].tolist()
+    train, validation = write_tweet_split(tweets, tmp_path_factory.mktemp("tweets"))
+    return train, validation, pd.read_csv(validation, dtype=str, keep_default_na=False)["text"].tolist()
 
 
 @pytest.fixture(scope="module")

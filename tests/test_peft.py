@@ -15,7 +15,7 @@ from transformers import (
     LlamaForCausalLM, ResNetConfig, ResNetForImageClassification, TrainerCallback,
 )
 
-from conftest import cli_flags, fail, run_engine, strategy_args
+from conftest import cli_flags, fail, run_engine, strategy_args, write_tweet_split
 from hftune.adapters import default_modules_to_save, default_target_modules
 from hftune.assets import resolve_model
 from test_distributed import launch
@@ -47,11 +47,7 @@ def max_difference(a, b):
 
 @pytest.fixture(scope="module")
 def tweet_files(tweets, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tweets")
-    sample = tweets.sample(n=240, random_state=0)[["text", "sentiment"]]
-    sample.iloc[:192].to_csv(folder / "train.csv", index=False)
-    sample.iloc[192:].to_csv(folder / "validation.csv", index=False)
-    return folder / "train.csv", folder / "validation.csv"
+    return write_tweet_split(tweets, tmp_path_factory.mktemp("tweets"), rows=240, train_rows=192)
 
 
 def lora_args(model, out, files, **overrides):
