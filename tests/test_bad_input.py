@@ -9,6 +9,8 @@ import pytest
 
 from conftest import fail
 
+from hftune.checkpoints import seal
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -203,6 +205,7 @@ def test_dropout_the_model_family_does_not_have(capsys, tiny_resnet, digit_folde
 def test_a_checkpoint_of_the_other_engine_is_refused(capsys, base, tmp_path):
     (tmp_path / "out" / "checkpoint-3" / "engine_state").mkdir(parents=True)  # what engine: accelerate writes
     (tmp_path / "out" / "checkpoint-3" / "trainer_state.json").write_text("{}")
+    seal(tmp_path / "out" / "checkpoint-3")
     line = fail(capsys, base + ["--resume_from_checkpoint", "true"])
     assert "was written by engine: accelerate; resume it with engine: accelerate" in line
 

@@ -33,9 +33,10 @@ from transformers.trainer_callback import (
 )
 from transformers.trainer_pt_utils import LabelSmoother, LengthGroupedSampler, log_metrics, save_metrics, save_state
 from transformers.trainer_utils import (
-    EvalPrediction, TrainOutput, rotate_checkpoints, seed_worker, speed_metrics, unwrap_peft_model,
+    EvalPrediction, TrainOutput, seed_worker, speed_metrics, unwrap_peft_model,
 )
 
+from hftune.checkpoints import commit, unseal
 from hftune.distillation import distiller_for
 from hftune.engines.fsdp import cpu_fsdp_for
 from hftune.guards import guard_for
@@ -399,11 +400,14 @@ class AccelerateEngine:
 
     def _save_checkpoint(self):
         path = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
+        if self.accelerator.is_main_process:
+            unseal(path)
         self.save_model(path)
         self.accelerator.save_state(os.path.join(path, ENGINE_STATE))
         if self.fsdp:  # model and optimizer are not the accelerator's to save here
             self.fsdp.save_state(self.model, self.optimizer, os.path.join(path, ENGINE_STATE))
         if self.accelerator.is_main_process:
             self.state.save_to_json(os.path.join(path, "trainer_state.json"))
-            rotate_checkpoints(self.args.output_dir, self.args.save_total_limit)  # transformers' own
+        commit(path, self.args.output_dir, self.args.save_total_limit, self.state.best_model_checkpoint,
+               self.accelerator.wait_for_everyone, self.accelerator.is_main_process)
 

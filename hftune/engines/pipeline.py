@@ -43,8 +43,9 @@ from transformers.trainer_callback import (
     CallbackHandler, DefaultFlowCallback, PrinterCallback, ProgressCallback, TrainerControl, TrainerState,
 )
 from transformers.trainer_pt_utils import log_metrics, save_metrics, save_state
-from transformers.trainer_utils import EvalPrediction, TrainOutput, rotate_checkpoints, speed_metrics
+from transformers.trainer_utils import EvalPrediction, TrainOutput, speed_metrics
 
+from hftune.checkpoints import commit, unseal
 from hftune.engines import TRAINER_ONLY, UNSET
 from hftune.errors import HftuneError
 from hftune.guards import CAUSES
@@ -623,8 +624,11 @@ class PipelineEngine:
 
     def _save_checkpoint(self):
         path = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
+        if self.is_world_process_zero():
+            unseal(path)
         self.engine.save_checkpoint(path, tag=STATE_DIR)  # every rank writes its stage and optimizer shard
         self.save_model(path)
         if self.is_world_process_zero():
             self.state.save_to_json(os.path.join(path, "trainer_state.json"))
-            rotate_checkpoints(self.args.output_dir, self.args.save_total_limit)  # transformers' own
+        commit(path, self.args.output_dir, self.args.save_total_limit, self.state.best_model_checkpoint,
+               torch_dist.barrier, self.is_world_process_zero())

@@ -1,14 +1,20 @@
 """The default engine: Hugging Face Trainer over a TaskBundle, with hftune's optimizer and schedule
 registries, p-norm and by-value clipping, loss penalties and early stopping."""
 
+import copy
 import dataclasses
 import logging
+import os
 
+import torch
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import has_length
+from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, has_length
 
+from hftune.checkpoints import commit, unseal
 from hftune.distillation import distiller_for
 from hftune.guards import guard_for
+from hftune.hub import push_problems
 from hftune.launch import ddp_comm_kwargs
 from hftune.optim import (
     WarmupReduceLROnPlateau, build_optimizer, build_scheduler, decay_parameter_names, describe_strategy,
@@ -59,6 +65,29 @@ class HftuneTrainer(Trainer):
         if pruner is not None:
             self.add_callback(pruner)
         self.add_callback(ThroughputCallback(self.model, self.accelerator))  # after the others: it times their work too
+
+    def train(self, *args, **kwargs):
+        # hftune rotates checkpoints itself, after each one is sealed (hftune.checkpoints): Trainer's
+        # rotation runs before that, and at the end of training deletes the latest checkpoint when
+        # save_total_limit is 1 and the best is another. Its own copy of the limit is off meanwhile.
+        self.save_limit, self.args.save_total_limit = self.args.save_total_limit, None
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self.args.save_total_limit = self.save_limit
+
+    def _save_checkpoint(self, model, trial):
+        run_dir = self._get_output_dir(trial=trial)
+        folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if self.args.should_save:
+            unseal(folder)
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:  # the arguments as configured, not with the limit switched off
+            configured = copy.copy(self.args)
+            configured.save_total_limit = self.save_limit
+            torch.save(configured, os.path.join(folder, TRAINING_ARGS_NAME))
+        commit(folder, run_dir, self.save_limit, self.state.best_model_checkpoint,
+               self.accelerator.wait_for_everyone, self.args.should_save)
 
     def get_decay_parameter_names(self, model):
         return decay_parameter_names(model)  # Trainer's own misses BatchNorm and other norms by type
@@ -133,6 +162,28 @@ class HftuneTrainer(Trainer):
             if self.distiller is not None:  # every process logs the training loss at the same steps
                 logs.update(self.distiller.pop_means(lambda sums: self.accelerator.reduce(sums, "mean")))
         super().log(logs, *args, **kwargs)
+
+    # ---- Hub: hftune pushes once, at the end of the run, after its model card (hftune/hub.py) ----
+
+    def init_hf_repo(self, token=None, private=None):
+        """Trainer creates the repo when it is built, so a missing token or a refused repo would stop the run
+        before training. Only pushes during training (hub_strategy other than end) need it now; if it cannot
+        be had they are skipped with a warning, and the push at the end reports why."""
+        self.hub_model_id, self.push_in_progress = None, None
+        if self.args.hub_strategy == "end" or not self.is_world_process_zero() or push_problems(self.args):
+            return  # (push_problems were warned about at parse time)
+        try:
+            super().init_hf_repo(token=token, private=private)
+        except Exception as err:  # whatever the Hub or the network answers: training goes ahead
+            logger.warning(f"push_to_hub: no pushes during training ({str(err).strip().splitlines()[0]}).")
+
+    def _push_from_checkpoint(self, checkpoint_folder):
+        if self.hub_model_id is not None:  # None: the repo could not be created (warned in init_hf_repo)
+            super()._push_from_checkpoint(checkpoint_folder)
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        # Called by hftune, Trainer.save_model would push with a model card of its own, over hftune's.
+        super().save_model(output_dir, _internal_call=True)
 
 
 def build_trainer(bundle, training_args, teacher=None):

@@ -1,0 +1,123 @@
+"""Crash-safe checkpoints. A checkpoint-N folder counts only once its manifest
+(hftune_checkpoint.json: every file's size) is written, last and atomically, after every process
+has finished writing. A run killed mid-save leaves a folder without a valid manifest: resuming
+skips it, and rotation never deletes a sealed checkpoint for it."""
+
+import json
+import logging
+import os
+import re
+import shutil
+
+logger = logging.getLogger("hftune")
+
+MANIFEST = "hftune_checkpoint.json"
+CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def _fsync(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def seal(folder):
+    """Write the manifest of a fully written checkpoint (main process, after a barrier). The files
+    are flushed to disk first, so that not even a power cut leaves a manifest over missing data."""
+    sizes = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            if name != MANIFEST:
+                _fsync(path)
+                sizes[os.path.relpath(path, folder)] = os.path.getsize(path)
+    temporary = os.path.join(folder, MANIFEST + ".tmp")
+    with open(temporary, "w") as handle:
+        json.dump({"files": sizes}, handle, indent=1, sort_keys=True)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, os.path.join(folder, MANIFEST))  # atomic: the manifest is whole or absent
+    _fsync(folder)
+
+
+def is_complete(folder):
+    """A manifest that parses, and every file it lists present with its recorded size."""
+    try:
+        with open(os.path.join(folder, MANIFEST)) as handle:
+            sizes = json.load(handle)["files"]
+        return all(os.path.getsize(os.path.join(folder, name)) == size for name, size in sizes.items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def checkpoints(output_dir):
+    """checkpoint-N folders in output_dir, oldest step first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = [(int(match.group(1)), name) for name in os.listdir(output_dir)
+             if (match := CHECKPOINT.match(name)) and os.path.isdir(os.path.join(output_dir, name))]
+    return [os.path.join(output_dir, name) for _, name in sorted(found)]
+
+
+def latest_complete(output_dir):
+    """The newest sealed checkpoint; newer unsealed ones (an interrupted save) are skipped with a warning."""
+    for folder in reversed(checkpoints(output_dir)):
+        if is_complete(folder):
+            return folder
+        logger.warning(f"skipping {folder}: incomplete (no valid {MANIFEST}; the run was stopped while saving it)")
+    return None
+
+
+def rotate(output_dir, save_total_limit, best=None):
+    """Keep at most save_total_limit sealed checkpoints, never deleting the newest sealed one or the
+    best; unsealed folders are left alone (a later save of the same step replaces them)."""
+    if not save_total_limit or save_total_limit <= 0:
+        return
+    sealed = [folder for folder in checkpoints(output_dir) if is_complete(folder)]
+    protected = {os.path.abspath(sealed[-1])} if sealed else set()
+    if best:
+        protected.add(os.path.abspath(best))
+    surplus = len(sealed) - max(save_total_limit, len(protected))
+    for folder in sealed:
+        if surplus <= 0:
+            break
+        if os.path.abspath(folder) not in protected:
+            logger.info(f"deleting older checkpoint {folder} (save_total_limit={save_total_limit})")
+            shutil.rmtree(folder, ignore_errors=True)
+            surplus -= 1
+
+
+def unseal(folder):
+    """Drop the manifest of a folder about to be rewritten (a resumed run saving a step again), so a
+    kill during the rewrite cannot leave old and new files under a valid manifest."""
+    try:
+        os.remove(os.path.join(folder, MANIFEST))
+    except FileNotFoundError:
+        pass
+
+
+def commit(folder, output_dir, save_total_limit, best, wait_for_everyone, is_main):
+    """After every process wrote its part of folder: seal it, then rotate (main process)."""
+    wait_for_everyone()
+    if is_main:
+        seal(folder)
+        rotate(output_dir, save_total_limit, best)
+    wait_for_everyone()  # nobody resumes or saves again before the seal exists
+
+
+# What a run writes before its first checkpoint is sealed (TensorBoard's runs/ included).
+STARTUP_FILES = ("hftune_config.yaml", "runs")
+
+
+def holds_only_an_interrupted_start(output_dir):
+    """True when output_dir holds nothing but what a run killed before its first sealed checkpoint
+    leaves: its resolved config, logs and unsealed checkpoint folders. Nothing there is a result."""
+    for name in os.listdir(output_dir):
+        folder = os.path.join(output_dir, name)
+        if CHECKPOINT.match(name) and os.path.isdir(folder) and not is_complete(folder):
+            continue
+        if name not in STARTUP_FILES:
+            return False
+    return True
