@@ -9,9 +9,15 @@ import os
 import re
 import shutil
 
+import yaml
+
+from hftune.errors import HftuneError
+from hftune.launch import deepspeed_config, uses_fsdp, zero_stage
+
 logger = logging.getLogger("hftune")
 
 MANIFEST = "hftune_checkpoint.json"
+CONFIG = "hftune_config.yaml"  # config.save_resolved_config's file
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -23,9 +29,10 @@ def _fsync(path):
         os.close(fd)
 
 
-def seal(folder):
-    """Write the manifest of a fully written checkpoint (main process, after a barrier). The files
-    are flushed to disk first, so that not even a power cut leaves a manifest over missing data."""
+def seal(folder, run=None):
+    """Write the manifest of a fully written checkpoint (main process, after a barrier): file sizes
+    and `run`, the launch that wrote it (run_record). The files are flushed to disk first, so that
+    not even a power cut leaves a manifest over missing data."""
     sizes = {}
     for root, _, names in os.walk(folder):
         for name in names:
@@ -35,7 +42,7 @@ def seal(folder):
                 sizes[os.path.relpath(path, folder)] = os.path.getsize(path)
     temporary = os.path.join(folder, MANIFEST + ".tmp")
     with open(temporary, "w") as handle:
-        json.dump({"files": sizes}, handle, indent=1, sort_keys=True)
+        json.dump({"files": sizes, "run": run}, handle, indent=1, sort_keys=True)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temporary, os.path.join(folder, MANIFEST))  # atomic: the manifest is whole or absent
@@ -98,17 +105,21 @@ def unseal(folder):
         pass
 
 
-def commit(folder, output_dir, save_total_limit, best, wait_for_everyone, is_main):
-    """After every process wrote its part of folder: seal it, then rotate (main process)."""
+def commit(folder, args, best, wait_for_everyone, is_main):
+    """After every process wrote its part of folder: copy the run's resolved config into it, seal
+    it, then rotate (main process)."""
     wait_for_everyone()
     if is_main:
-        seal(folder)
-        rotate(output_dir, save_total_limit, best)
+        config = os.path.join(args.output_dir, CONFIG)
+        if os.path.isfile(config):
+            shutil.copyfile(config, os.path.join(folder, CONFIG))
+        seal(folder, run_record(args))
+        rotate(os.path.dirname(folder), args.save_total_limit, best)
     wait_for_everyone()  # nobody resumes or saves again before the seal exists
 
 
 # What a run writes before its first checkpoint is sealed (TensorBoard's runs/ included).
-STARTUP_FILES = ("hftune_config.yaml", "runs")
+STARTUP_FILES = (CONFIG, "runs")
 
 
 def holds_only_an_interrupted_start(output_dir):
@@ -121,3 +132,38 @@ def holds_only_an_interrupted_start(output_dir):
         if name not in STARTUP_FILES:
             return False
     return True
+
+
+def run_record(args):
+    """What a checkpoint's layout depends on beyond the config: the launch."""
+    config = deepspeed_config(args)
+    return {"world_size": args.world_size, "zero_stage": None if config is None else zero_stage(config),
+            "fsdp": uses_fsdp(args)}
+
+
+# Settings whose change makes a checkpoint another model: its weights or adapter no longer fit.
+MODEL_KEYS = ("model_name_or_path", "task", "peft", "lora_r", "lora_target_modules", "use_dora",
+              "num_virtual_tokens")
+
+
+def check_compatible(checkpoint, config, run):
+    """Refuse, before training, a resume whose model or parallel layout differs from the checkpoint's;
+    a data-parallel world-size change works (optimizer state is whole on every process) and is logged."""
+    with open(os.path.join(checkpoint, MANIFEST)) as handle:
+        then = json.load(handle).get("run") or {}
+    saved = os.path.join(checkpoint, CONFIG)
+    before = yaml.safe_load(open(saved)) if os.path.isfile(saved) else {}
+    changed = [f"{key} {before[key]!r} -> {config.get(key)!r}" for key in MODEL_KEYS
+               if key in before and before[key] != config.get(key)]
+    changed += [f"{key} {then[key]!r} -> {run[key]!r}" for key in ("zero_stage", "fsdp")
+                if key in then and then[key] != run[key]]
+    sharded = run["zero_stage"] is not None or run["fsdp"]
+    if sharded and then.get("world_size", run["world_size"]) != run["world_size"]:
+        changed.append(f"world size {then['world_size']} -> {run['world_size']} "
+                       "(DeepSpeed and FSDP checkpoints are partitioned per process)")
+    if changed:
+        raise HftuneError(f"cannot resume from {checkpoint}: {'; '.join(changed)}; resume with the settings that "
+                          "wrote it, or start a new output_dir.")
+    if then.get("world_size", run["world_size"]) != run["world_size"]:
+        logger.warning(f"resuming {checkpoint} (written by {then['world_size']} processes) with {run['world_size']}: "
+                       "the global batch size and the data order from here on change.")

@@ -22,7 +22,9 @@ from hftune.adapters import check_peft_args
 from hftune.distillation import check_distillation
 from hftune.engines import check_training_strategy
 from hftune.errors import HftuneError, closest
+from hftune.hub import check_hub_args
 from hftune.quantization import check_quantize_args
+from hftune.ranges import DATA_RANGES, TRAINING_RANGES, check_ranges, check_something_to_do
 from hftune.optim import HF_OPTIMIZERS, HF_SCHEDULES, check_optimizer_name
 from hftune.tasks import get_task
 from hftune.tasks.causal_lm import check_padding_free
@@ -156,7 +158,19 @@ class HftuneTrainingArguments(TrainingArguments):
     """TrainingArguments plus the few switches hftune adds; every HF name keeps its meaning."""
 
     do_train: bool = field(default=True, metadata={"help": "Train (TrainingArguments' default is False)."})
-    do_eval: bool = field(default=True, metadata={"help": "Evaluate on the validation split after training."})
+    do_eval: bool = field(default=True, metadata={"help": "Evaluate on eval_split after training (or alone, without do_train)."})
+    eval_split: str = field(
+        default="validation",
+        metadata={"help": "Split do_eval evaluates at the end: validation, test or train (evaluation during training "
+                          "uses validation); metrics in <split>_results.json."},
+    )
+    predict_split: str = field(
+        default="test",
+        metadata={"help": "Split do_predict writes predictions_<split>.jsonl for: test, validation or train."},
+    )
+    max_new_tokens: int = field(
+        default=None, metadata={"help": "causal-lm do_predict: tokens generated (greedily) after each text (default 20)."}
+    )
     overwrite_output_dir: bool = field(
         default=False,
         metadata={"help": "Allow writing into a non-empty output_dir (its files may be overwritten)."},
@@ -258,6 +272,12 @@ class HftuneTrainingArguments(TrainingArguments):
         default=None, metadata={"help": "Step at which prune_sparsity is reached (default: 3/4 of the training steps)."}
     )
     prune_frequency: int = field(default=None, metadata={"help": "Steps between mask updates (default: about 10 updates)."})
+    # Hub (push_to_hub, hub_model_id, hub_private_repo, hub_strategy are TrainingArguments' own)
+    hub_push_merged: bool = field(
+        default=False,
+        metadata={"help": "PEFT runs: push the merged model (output_dir/merged, needs merge_adapter: true) instead "
+                          "of the adapter; needs hub_strategy: end."},
+    )
     # Deployment
     quantize: str = field(
         default=None,
@@ -265,6 +285,8 @@ class HftuneTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self):
+        check_ranges(self, TRAINING_RANGES)  # before anything computes with a NaN, a negative or a null
+        check_something_to_do(self)
         check_optimizer_name(self.optim)
         check_training_strategy(self)  # before TrainingArguments' own checks, which need DeepSpeed installed
         check_quantize_args(self)
@@ -284,10 +306,28 @@ class HftuneTrainingArguments(TrainingArguments):
         if self.early_stopping_patience is not None and self.metric_for_best_model is None:
             self.metric_for_best_model = "loss"
         super().__post_init__()
+        check_report_to(self.report_to)
         if optim not in HF_OPTIMIZERS:
             self.optim = optim
         if schedule not in HF_SCHEDULES:
             self.lr_scheduler_type = schedule
+
+
+def check_report_to(report_to):
+    """An unknown or uninstalled tracker fails here, not after the data and model have loaded."""
+    from transformers.integrations import get_available_reporting_integrations
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    installed = get_available_reporting_integrations()
+    for name in report_to or []:
+        if name in ("none", "all"):
+            continue
+        if name not in INTEGRATION_TO_CALLBACK:
+            raise HftuneError(f"unknown report_to '{name}'.{closest(name, INTEGRATION_TO_CALLBACK)} "
+                              f"Trackers: {sorted(INTEGRATION_TO_CALLBACK)}, all or none.")
+        if name not in installed:
+            raise HftuneError(f"report_to '{name}' needs its package, which is not installed; pip install it, "
+                              "or drop it from report_to.")
 
 
 CONFIG_CLASSES = (ModelArguments, DataArguments, HftuneTrainingArguments)
@@ -453,12 +493,14 @@ def parse_config(argv=None):
     check_peft_args(model_args, data_args, training_args)
     check_distillation(model_args, training_args)
     check_padding_free(model_args, data_args, training_args)
+    check_hub_args(model_args, training_args)
     return model_args, data_args, training_args
 
 
 def check_data_args(data_args):
     """Refuse values that would be silently ignored or make no sense, naming the key."""
     get_task(data_args.task)  # an unknown task name is an error here
+    check_ranges(data_args, DATA_RANGES)
     for name, tasks in TASK_FIELDS.items():
         default = DataArguments.__dataclass_fields__[name].default
         if data_args.task not in tasks and getattr(data_args, name) != default:
@@ -484,11 +526,11 @@ def resolved_config(model_args, data_args, training_args):
     return json.loads(json.dumps(resolved, default=str))  # enums and paths as plain values
 
 
-def save_resolved_config(model_args, data_args, training_args):
-    """Write output_dir/hftune_config.yaml; re-running it with --config reproduces the run."""
+def save_resolved_config(model_args, data_args, training_args, name="hftune_config.yaml"):
+    """Write output_dir/hftune_config.yaml (or `name`); re-running it with --config reproduces the run."""
     if not training_args.should_save:
         return None
-    path = Path(training_args.output_dir) / "hftune_config.yaml"
+    path = Path(training_args.output_dir) / name
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(resolved_config(model_args, data_args, training_args), sort_keys=False))
     return path

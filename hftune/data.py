@@ -166,10 +166,20 @@ def load_raw_datasets(data_args, seed=42, cache_dir=None, keep_test=False):
             raise HftuneError("the data has no train split; set train_file, or a dataset_name that has one.")
         raw = _read_streams(raw, data_args) if data_args.streaming else DatasetDict(raw)
     raw = _carve_validation(raw, data_args.validation_split_percentage, seed)
+    _unlabel_test(raw, data_args.label_column)
     for split, dataset in raw.items():
         if not is_stream(dataset) and len(dataset) == 0:
             raise HftuneError(f"the {split} split is empty; check the data file or max_*_samples.")
     return raw
+
+
+def _unlabel_test(raw, label_column):
+    """A test file without the label column arrives with it all empty (datasets gives every file of
+    one load the same columns): drop it, so the split is predicted without labels."""
+    test = raw.get("test")
+    if test is not None and not is_stream(test) and label_column in test.column_names:
+        if test.unique(label_column) == [None]:
+            raw["test"] = test.remove_columns(label_column)
 
 
 def apply_batched(dataset, method, function, num_proc=None, desc=None, **kwargs):
@@ -239,6 +249,11 @@ def require_columns(dataset, split, **columns):
             )
 
 
+def label_column_of(dataset, split, label_column):
+    """The label column a split must have: every split but test, which may be unlabelled (do_predict)."""
+    return None if split == "test" and label_column not in dataset.column_names else label_column
+
+
 def class_names(raw, label_column):
     """Class names in id order (a ClassLabel's own names, else the sorted values seen in train, or
     in validation when train is a stream, which cannot be read through up front), after checking
@@ -263,7 +278,8 @@ def class_names(raw, label_column):
     if len(names) < 2:
         raise HftuneError(f"label_column '{label_column}' has a single class {names}; need at least 2.")
     for split, dataset in raw.items():
-        if not is_stream(dataset):  # a stream's labels are checked as it is read (label_ids)
+        # a stream's labels are checked as it is read (label_ids); an unlabelled test split is only predicted
+        if not is_stream(dataset) and label_column in dataset.column_names:
             _check_split_labels(dataset, split, label_column, set(names), names, source)
     return names
 

@@ -16,16 +16,24 @@ import datasets
 import transformers
 from transformers import set_seed
 from transformers.integrations import is_deepspeed_zero3_enabled
-from transformers.trainer_utils import get_last_checkpoint
 
 from hftune.adapters import apply_peft
 from hftune.assets import is_asset
-from hftune.config import parse_config, save_resolved_config
+from hftune.card import write_report
+from hftune.checkpoints import (
+    MANIFEST, check_compatible, holds_only_an_interrupted_start, is_complete, latest_complete, run_record,
+)
+from hftune.config import parse_config, resolved_config, save_resolved_config
 from hftune.data import check_streaming, is_stream, load_raw_datasets
 from hftune.distillation import load_teacher
 from hftune.engines import build_engine
 from hftune.errors import HftuneError
+from hftune.hub import push_results
 from hftune.launch import check_world_size
+from hftune.predict import (
+    attach_inputs, check_fine_tuned, check_predict_args, check_splits, evaluate, predict, split_dataset, split_prefix,
+    wanted_splits,
+)
 from hftune.pruning import sparsity_results
 from hftune.quantization import quantize_and_compare
 from hftune.tasks import get_task
@@ -47,33 +55,44 @@ def setup_logging(training_args):
 
 
 def check_output_dir(training_args, checkpoint):
-    """Never write into someone's results by accident."""
+    """Never write into someone's results by accident. Without training only results files are
+    written (no model, no checkpoint), so output_dir may hold a run already, e.g. the evaluated model."""
     out = training_args.output_dir
-    if not (os.path.isdir(out) and os.listdir(out)):
+    if not (os.path.isdir(out) and os.listdir(out)) or not training_args.do_train:
         return
     if training_args.overwrite_output_dir or checkpoint is not None:
         return
+    if resumes_latest(training_args) and holds_only_an_interrupted_start(out):
+        return  # rerunning the command of a run killed before its first complete checkpoint
     raise HftuneError(
         f"output_dir '{out}' is not empty; choose another output_dir, set overwrite_output_dir: true, "
         "or resume_from_checkpoint: true."
     )
 
 
+def resumes_latest(training_args):
+    return str(training_args.resume_from_checkpoint).lower() in ("true", "auto")
+
+
 def resolve_checkpoint(training_args):
-    """`resume_from_checkpoint: true` (or `auto`) means the latest checkpoint in output_dir."""
+    """`resume_from_checkpoint: auto` (or `true`) means the latest complete checkpoint in output_dir,
+    or a fresh start where the run never completed one, so a killed run resumes by rerunning its command."""
     resume = training_args.resume_from_checkpoint
     if resume is None or str(resume).lower() in ("false", "none", ""):
         return None
-    if str(resume).lower() in ("true", "auto"):
-        last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+    if resumes_latest(training_args):
+        last = latest_complete(training_args.output_dir)
         if last is None:
-            raise HftuneError(
-                f"resume_from_checkpoint: {resume} but output_dir '{training_args.output_dir}' holds no checkpoint-*; "
-                "drop resume_from_checkpoint to start fresh."
-            )
+            logger.warning(f"resume_from_checkpoint: {resume} but output_dir '{training_args.output_dir}' holds "
+                           "no complete checkpoint: training from the start.")
+        else:
+            logger.info(f"resuming from {last}, the latest complete checkpoint")
         return last
     if not os.path.isdir(resume):
         raise HftuneError(f"resume_from_checkpoint '{resume}' does not exist; pass a checkpoint-* folder or true.")
+    if not is_complete(resume):
+        raise HftuneError(f"resume_from_checkpoint '{resume}' is incomplete (no valid {MANIFEST}: its save was "
+                          "interrupted); pass an earlier checkpoint or resume_from_checkpoint: auto.")
     return resume
 
 
@@ -82,8 +101,10 @@ def check_inputs(model_args, data_args, training_args):
         raise HftuneError("model_name_or_path is not set; give a Hub id, a local checkpoint folder or an asset:NAME.")
     if is_asset(model_args.model_name_or_path) and model_args.model_revision != "main":
         raise HftuneError("model_revision does not apply to an asset: model; drop it.")
-    if data_args.test_file and not training_args.do_predict:
-        raise HftuneError("test_file is set but do_predict is false, so it would be ignored; set do_predict: true.")
+    if data_args.test_file and "test" not in wanted_splits(training_args):
+        raise HftuneError("test_file is set but do_predict is false (and eval_split is not test), so it would be ignored; "
+                          "set do_predict: true.")
+    check_predict_args(data_args, training_args)
     check_streaming(data_args, training_args)
 
 
@@ -93,10 +114,14 @@ def setup(model_args, data_args, training_args):
     check_inputs(model_args, data_args, training_args)
     task = get_task(data_args.task)
     checkpoint = resolve_checkpoint(training_args)
+    if checkpoint is not None:
+        check_compatible(checkpoint, resolved_config(model_args, data_args, training_args), run_record(training_args))
     check_output_dir(training_args, checkpoint)
     set_seed(training_args.seed)  # before the model is built: a new head's init depends on it
     with training_args.main_process_first(desc="loading data"):
-        raw = load_raw_datasets(data_args, training_args.seed, model_args.cache_dir, keep_test=training_args.do_predict)
+        raw = load_raw_datasets(data_args, training_args.seed, model_args.cache_dir,
+                                keep_test="test" in wanted_splits(training_args))
+    check_splits(training_args, raw)
     # ZeRO-3 partitions the model while it loads: a collective step every process must join at once.
     together = is_deepspeed_zero3_enabled()
     with nullcontext() if together else training_args.main_process_first(desc="loading model, preprocessing"):
@@ -108,9 +133,12 @@ def setup(model_args, data_args, training_args):
             ) from None
         bundle.model, bundle.adapter = apply_peft(bundle.model, model_args, data_args, training_args)
         teacher = load_teacher(model_args, data_args.task, bundle.model, bundle.processor)
-    if training_args.do_predict and bundle.test_dataset is None:
-        raise HftuneError("do_predict needs a test split: set test_file, or a dataset_name that has one.")
-    save_resolved_config(model_args, data_args, training_args)
+    if not training_args.do_train:  # evaluating a saved model: its head must already know the data's classes
+        check_fine_tuned(model_args, bundle)
+    attach_inputs(bundle, raw, data_args, training_args)
+    # Without training, output_dir may be the saved model's own folder: keep its training config.
+    save_resolved_config(model_args, data_args, training_args,
+                         "hftune_config.yaml" if training_args.do_train else "hftune_evaluate_config.yaml")
     return build_engine(bundle, training_args, checkpoint, teacher), bundle, checkpoint
 
 
@@ -128,10 +156,13 @@ def train(trainer, bundle, training_args, checkpoint):
         trainer.log_metrics("train", metrics)
         trainer.save_metrics("train", metrics)
         trainer.save_state()
-    if training_args.do_eval and bundle.eval_dataset is not None:
-        metrics.update(evaluate(trainer, bundle.eval_dataset, "eval"))
+    eval_split, predict_split = training_args.eval_split, training_args.predict_split
+    # do_predict reports the metrics of a labelled split itself: one pass when both name the same split
+    if training_args.do_eval and split_dataset(bundle, eval_split) is not None and not (
+            training_args.do_predict and predict_split == eval_split):
+        metrics.update(evaluate(trainer, split_dataset(bundle, eval_split), eval_split))
     if training_args.do_predict:
-        metrics.update(evaluate(trainer, bundle.test_dataset, "test"))
+        metrics.update(predict(trainer, bundle, training_args))
     if training_args.quantize and trainer.is_world_process_zero():
         results = quantize_and_compare(trainer.model, bundle, training_args)
         trainer.log_metrics("quantize", results)
@@ -140,22 +171,19 @@ def train(trainer, bundle, training_args, checkpoint):
     return metrics
 
 
-def evaluate(trainer, dataset, split):
-    """Evaluate on a labelled split; its metrics are logged and saved as <split>_results.json."""
-    metrics = {**trainer.evaluate(dataset, metric_key_prefix=split), f"{split}_samples": len(dataset)}
-    trainer.log_metrics(split, metrics)
-    trainer.save_metrics(split, metrics)
-    return metrics
-
-
 def finish(trainer, bundle, training_args, metrics):
     if not trainer.is_world_process_zero():
         return
     out = os.path.abspath(training_args.output_dir)
-    value = metrics.get(bundle.main_metric)
+    split = training_args.eval_split
+    prefix = split_prefix(split)
+    key = bundle.main_metric.replace("eval", prefix, 1)  # eval_accuracy -> test_accuracy for eval_split: test
+    value = metrics.get(key)
     lines = ["", "hftune: done."]
     if value is not None:
-        lines.append(f"  {bundle.main_metric} = {value:.4f} on {metrics.get('eval_samples')} validation examples")
+        lines.append(f"  {key} = {value:.4f} on {metrics.get(f'{prefix}_samples')} {split} examples")
+    if training_args.do_predict:
+        lines.append(f"  predictions: {out}/predictions_{training_args.predict_split}.jsonl")
     if training_args.do_train and bundle.adapter is not None:
         lines += bundle.adapter.summary(out, bundle.pipeline_task)
     elif training_args.do_train:
@@ -178,11 +206,16 @@ def main(argv=None):
         from hftune.plan import main as plan
 
         return plan(argv[1:])
+    if argv[:1] == ["evaluate"]:  # `hftune evaluate --config recipe.yaml --model_name_or_path DIR [--eval_split S]`
+        argv = ["--do_train=false", "--do_eval=true", *argv[1:]]  # the user's own flags still win
     try:
         model_args, data_args, training_args = parse_config(argv)
         trainer, bundle, checkpoint = setup(model_args, data_args, training_args)
         metrics = train(trainer, bundle, training_args, checkpoint)
+        if training_args.do_train:  # an evaluation alone leaves the card of the run that trained the model
+            write_report(trainer, bundle, model_args, data_args, training_args, metrics)  # model card + curves
         finish(trainer, bundle, training_args, metrics)
+        push_results(trainer, bundle, training_args)  # last: a refused push leaves the trained model on disk
         leave_process_group()
     except HftuneError as err:
         print(f"hftune: error: {err}", file=sys.stderr)

@@ -22,6 +22,7 @@ def die():
 
 
 def arm(moment, step):
+    step = int(step)
     if moment == "step":
         original = Trainer.training_step
 
@@ -56,6 +57,5 @@ def arm(moment, step):
 
 if __name__ == "__main__":
     if os.environ.get("HFTUNE_KILL_AT"):
-        moment, step = os.environ["HFTUNE_KILL_AT"].split(":")
-        arm(moment, int(step))
+        arm(*os.environ["HFTUNE_KILL_AT"].split(":"))
     run.main(sys.argv[1:])

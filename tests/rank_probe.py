@@ -5,7 +5,8 @@ and records what each process really saw, in $HFTUNE_PROBE_DIR/rank<R>.json:
               these are training rows),
   ds_tensor / ds_numel  under ZeRO-3, the parameter elements this process holds / the full count,
   local_numel / full_numel  the same under FSDP2.
-With HFTUNE_PROBE_UNCHECKED=1 hftune's world-size check is skipped (negative controls only).
+With HFTUNE_PROBE_UNCHECKED=1 hftune's world-size check is skipped (negative controls only); with
+HFTUNE_KILL_AT every process kills itself as tests/kill_probe.py describes.
 """
 
 import hashlib
@@ -67,6 +68,11 @@ def get_probed_task(name):
 get_task, run.get_task = tasks.get_task, get_probed_task
 if os.environ.get("HFTUNE_PROBE_UNCHECKED"):  # negative controls: let a broken launch through hftune's check
     run.check_world_size = lambda args: None
+
+if os.environ.get("HFTUNE_KILL_AT"):  # kill -9 every process at that moment (see tests/kill_probe.py)
+    from kill_probe import arm
+
+    arm(*os.environ["HFTUNE_KILL_AT"].split(":"))
 
 if __name__ == "__main__":
     try:

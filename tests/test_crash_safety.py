@@ -1,6 +1,8 @@
 """Crash-safe checkpoints: kill -9 at any moment, rerun the same command, get the same model."""
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -8,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import cli_flags, read_json, strategy_args
+from conftest import fail, read_json, strategy_args
 
 from hftune.checkpoints import MANIFEST, is_complete, latest_complete, rotate, seal
 from hftune.run import main
@@ -118,3 +120,33 @@ def test_kill_9_mid_eval_mid_save_mid_step_then_the_same_command_gives_a_bit_ide
     assert [e["loss"] for e in histories[0] if "loss" in e] == [e["loss"] for e in histories[1] if "loss" in e]
     assert [e["eval_loss"] for e in histories[0] if "eval_loss" in e] == \
         [e["eval_loss"] for e in histories[1] if "eval_loss" in e]
+
+
+def test_resume_refuses_another_model_or_layout_and_allows_another_world_size(
+        tiny_bert, tweets_csv, tmp_path, capsys, caplog):
+    train, validation = tweets_csv
+    out = tmp_path / "out"
+    args = strategy_args(tiny_bert, out, train, validation, max_steps=2, save_strategy="steps", save_steps=2)
+    main(args)
+    manifest = out / "checkpoint-2" / MANIFEST
+    record = read_json(manifest)
+    assert record["run"] == {"world_size": 1, "zero_stage": None, "fsdp": False}
+    assert (out / "checkpoint-2" / "hftune_config.yaml").is_file()
+
+    resume = ["--max_steps=4", "--resume_from_checkpoint=auto"]
+    other_model = tmp_path / "other-model"
+    shutil.copytree(tiny_bert, other_model)
+    for change, named in [([f"--model_name_or_path={other_model}"], "model_name_or_path"),
+                          (["--peft=lora"], "peft None -> 'lora'")]:
+        line = fail(capsys, args + resume + change)
+        assert line.startswith(f"hftune: error: cannot resume from {out / 'checkpoint-2'}: ") and named in line, line
+
+    def rewrite_run(**run):
+        manifest.write_text(json.dumps({**record, "run": {**record["run"], **run}}))
+
+    rewrite_run(zero_stage=2)  # as a DeepSpeed ZeRO-2 launch writes it
+    assert "zero_stage 2 -> None" in fail(capsys, args + resume)
+    rewrite_run(world_size=2)  # a 2-process DDP checkpoint: whole optimizer state on every process
+    main(args + resume)
+    assert read_json(out / "trainer_state.json")["global_step"] == 4
+    assert any("written by 2 processes) with 1" in r.getMessage() for r in caplog.records)

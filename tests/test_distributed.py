@@ -26,7 +26,7 @@ STEPS, GLOBAL_BATCH = 4, 16
 def launch(config, num_processes, args, tmp_path, name, check=True, env=()):
     """Run tests/rank_probe.py under accelerate launch; returns (result, probes by rank)."""
     probe = tmp_path / f"{name}.probe"
-    probe.mkdir()
+    probe.mkdir(exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HFTUNE_PROBE_DIR": str(probe), **dict(env)}
     env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(REPO, ".cache", "torch_extensions"))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
@@ -94,7 +94,7 @@ STRATEGIES = {
     "deepspeed_fp16_comm": ("ddp.yaml", ["--deepspeed", "deepspeed_configs/zero2_comm_fp16.json"], 1e-3,
                             "ZeRO-2 reduces gradients in fp16"),
 }
-RESUMED = ("ddp", "zero1", "zero2", "zero3")  # also resumed from checkpoint-2: the rest must be bit-identical
+RESUMED = ("ddp", "zero1", "zero2", "zero3")  # also resumed from checkpoint-2 (ddp: after a kill -9) to the same model
 
 
 @pytest.mark.parametrize("name", STRATEGIES)
@@ -123,9 +123,16 @@ def test_strategy_shards_data_and_matches_one_process(name, run_args, single_pro
     if lossy:  # the compression is really on: gradient norms are not the exact ones
         norms, exact = step_logs(tmp_path / name, "grad_norm"), step_logs(reference, "grad_norm")
         assert max(abs(a - b) for a, b in zip(norms, exact)) > 1e-6
-    if name in RESUMED:
+    if name == "ddp":  # kill -9 both processes mid-step 3, then rerun the same command: it resumes from checkpoint-2
+        command = args + ["--resume_from_checkpoint", "auto"]
+        killed, _ = launch(config, 2, command, tmp_path, "resumed", check=False, env={"HFTUNE_KILL_AT": "step:3"})
+        assert killed.returncode != 0 and not (tmp_path / "resumed" / "checkpoint-4").exists()
+        resumed, _ = launch(config, 2, command, tmp_path, "resumed")
+        assert f"resuming from {tmp_path / 'resumed' / 'checkpoint-2'}" in resumed.stdout + resumed.stderr
+    elif name in RESUMED:
         launch(config, 2, args + ["--resume_from_checkpoint", str(tmp_path / name / "checkpoint-2")], tmp_path,
                "resumed")
+    if name in RESUMED:
         # trainer_state.json carries the checkpoint's history on: steps 3-4 are the resumed run's own.
         assert step_logs(tmp_path / "resumed", "loss") == pytest.approx(losses, abs=1e-6)
         assert max_weight_difference(weights(tmp_path / "resumed"), weights(tmp_path / name)) < 1e-6

@@ -49,7 +49,8 @@ def _check_closure_optimizer(args, name):
 
 
 # TrainingArguments features only Trainer's loop implements: set under engine: accelerate, they are refused.
-TRAINER_ONLY = ("load_best_model_at_end", "torch_compile", "push_to_hub", "eval_on_start", "auto_find_batch_size",
+# (push_to_hub works with every engine: hftune pushes at the end, hftune/hub.py; pushes at each save are Trainer's.)
+TRAINER_ONLY = ("load_best_model_at_end", "torch_compile", "eval_on_start", "auto_find_batch_size",
                 "neftune_noise_alpha", "deepspeed", "fsdp", "save_only_model", "include_for_metrics",
                 "include_num_input_tokens_seen", "fp16_full_eval", "bf16_full_eval", "torch_empty_cache_steps")
 UNSET = (None, False, "", "no", [], {})

@@ -408,6 +408,6 @@ class AccelerateEngine:
             self.fsdp.save_state(self.model, self.optimizer, os.path.join(path, ENGINE_STATE))
         if self.accelerator.is_main_process:
             self.state.save_to_json(os.path.join(path, "trainer_state.json"))
-        commit(path, self.args.output_dir, self.args.save_total_limit, self.state.best_model_checkpoint,
-               self.accelerator.wait_for_everyone, self.accelerator.is_main_process)
+        commit(path, self.args, self.state.best_model_checkpoint, self.accelerator.wait_for_everyone,
+               self.accelerator.is_main_process)
 

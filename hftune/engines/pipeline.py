@@ -630,5 +630,4 @@ class PipelineEngine:
         self.save_model(path)
         if self.is_world_process_zero():
             self.state.save_to_json(os.path.join(path, "trainer_state.json"))
-        commit(path, self.args.output_dir, self.args.save_total_limit, self.state.best_model_checkpoint,
-               torch_dist.barrier, self.is_world_process_zero())
+        commit(path, self.args, self.state.best_model_checkpoint, torch_dist.barrier, self.is_world_process_zero())

@@ -14,7 +14,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, has_length
 from hftune.checkpoints import commit, unseal
 from hftune.distillation import distiller_for
 from hftune.guards import guard_for
-from hftune.hub import push_problems
+from hftune.hub import describe_error, push_problems
 from hftune.launch import ddp_comm_kwargs
 from hftune.optim import (
     WarmupReduceLROnPlateau, build_optimizer, build_scheduler, decay_parameter_names, describe_strategy,
@@ -82,12 +82,12 @@ class HftuneTrainer(Trainer):
         if self.args.should_save:
             unseal(folder)
         super()._save_checkpoint(model, trial)
-        if self.args.should_save:  # the arguments as configured, not with the limit switched off
-            configured = copy.copy(self.args)
-            configured.save_total_limit = self.save_limit
+        configured = copy.copy(self.args)  # the arguments as configured, not with the limit switched off
+        configured.save_total_limit = self.save_limit
+        if self.args.should_save:
             torch.save(configured, os.path.join(folder, TRAINING_ARGS_NAME))
-        commit(folder, run_dir, self.save_limit, self.state.best_model_checkpoint,
-               self.accelerator.wait_for_everyone, self.args.should_save)
+        commit(folder, configured, self.state.best_model_checkpoint, self.accelerator.wait_for_everyone,
+               self.args.should_save)
 
     def get_decay_parameter_names(self, model):
         return decay_parameter_names(model)  # Trainer's own misses BatchNorm and other norms by type
@@ -175,15 +175,31 @@ class HftuneTrainer(Trainer):
         try:
             super().init_hf_repo(token=token, private=private)
         except Exception as err:  # whatever the Hub or the network answers: training goes ahead
-            logger.warning(f"push_to_hub: no pushes during training ({str(err).strip().splitlines()[0]}).")
+            logger.warning(f"push_to_hub: no pushes during training ({describe_error(err)}).")
+            return
+        self.add_callback(PushSealedCheckpoint(self))
 
     def _push_from_checkpoint(self, checkpoint_folder):
+        # Trainer asks mid-save; hftune seals checkpoint-N (its manifest, which resuming requires) only after
+        # every file is written, so the push waits for on_save (PushSealedCheckpoint).
         if self.hub_model_id is not None:  # None: the repo could not be created (warned in init_hf_repo)
-            super()._push_from_checkpoint(checkpoint_folder)
+            self.checkpoint_to_push = checkpoint_folder
 
     def save_model(self, output_dir=None, _internal_call=False):
         # Called by hftune, Trainer.save_model would push with a model card of its own, over hftune's.
         super().save_model(output_dir, _internal_call=True)
+
+
+class PushSealedCheckpoint(TrainerCallback):
+    """Trainer's push of a save (hub_strategy every_save, checkpoint, all_checkpoints), once the save is sealed."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = self.trainer.__dict__.pop("checkpoint_to_push", None)
+        if folder is not None:
+            Trainer._push_from_checkpoint(self.trainer, folder)
 
 
 def build_trainer(bundle, training_args, teacher=None):

@@ -34,6 +34,7 @@ class TaskBundle:
     test_dataset: Any = None
     pipeline_task: str = None  # transformers.pipeline task that loads the saved model
     adapter: Any = None  # hftune.adapters.AdapterSaver under peft: saves what the adapter needs beside it
+    predict_inputs: Any = None  # texts of the predict_split (prompts of a causal LM), set for do_predict
 
 
 def pretrained_source(model_args):

@@ -17,7 +17,7 @@ import torch
 from datasets import ClassLabel, Image
 from transformers import AutoImageProcessor, AutoModelForImageClassification, DefaultDataCollator
 
-from hftune.data import class_names, is_stream, label_ids, limit_splits, require_columns
+from hftune.data import class_names, is_stream, label_column_of, label_ids, limit_splits, require_columns
 from hftune.errors import HftuneError
 from hftune.metrics import load_metric
 from hftune.tasks import TaskBundle, load_config, pretrained_source
@@ -108,7 +108,7 @@ def build(model_args, data_args, raw):
     for split, dataset in raw.items():
         require_columns(
             dataset, split, image_column=data_args.image_column,
-            label_column=data_args.label_column,
+            label_column=label_column_of(dataset, split, data_args.label_column),
         )
     names = class_names(raw, data_args.label_column)
 

@@ -7,7 +7,7 @@ from datasets import ClassLabel
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
 from hftune.adapters import quantized_loading
-from hftune.data import apply_batched, class_names, label_ids, limit_splits, require_columns
+from hftune.data import apply_batched, class_names, label_column_of, label_ids, limit_splits, require_columns
 from hftune.metrics import load_metric
 from hftune.tasks import TaskBundle, load_config, pretrained_source
 
@@ -75,7 +75,7 @@ def build(model_args, data_args, raw):
     for split, dataset in raw.items():
         require_columns(
             dataset, split, text_column=data_args.text_column, text_pair_column=data_args.text_pair_column,
-            label_column=data_args.label_column,
+            label_column=label_column_of(dataset, split, data_args.label_column),
         )
     names = class_names(raw, data_args.label_column)
 

@@ -1,0 +1,218 @@
+"""Evaluate and predict with a trained (or saved) model on any split: train, validation or test.
+
+`do_eval` evaluates `eval_split` (metrics in <split>_results.json); `do_predict` writes
+`predictions_<split>.jsonl` for `predict_split`, one row per example in the split's order:
+- classification: the predicted label, its softmax probability, every class's probability and,
+  where the split has labels, the true label (a split without a label column is predicted too);
+- causal LM: the greedy continuation (`max_new_tokens`) of each example's text.
+
+Example:
+    $ hftune evaluate --config recipe.yaml --model_name_or_path outputs/run --eval_split test --do_predict true
+    >>> rows = [json.loads(line) for line in open("outputs/run/predictions_test.jsonl")]  # doctest: +SKIP
+    >>> rows[0]["label"], rows[0]["score"]  # doctest: +SKIP
+    ('positive', 0.91)
+"""
+
+import json
+import logging
+import os
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+from transformers import AutoConfig, Trainer
+
+from hftune.data import is_stream, limit_splits
+from hftune.errors import HftuneError
+from hftune.tasks import pretrained_source
+
+logger = logging.getLogger("hftune")
+
+SPLITS = ("train", "validation", "test")
+CLASSIFIERS = ("text-classification", "image-classification")
+DEFAULT_NEW_TOKENS = 20
+
+
+def split_prefix(split):
+    """Metric prefix and results-file name of a split: `eval` for validation (as during training),
+    `train_eval` for train (training's own metrics keep `train`), else the split's name."""
+    return {"validation": "eval", "train": "train_eval"}.get(split, split)
+
+
+def wanted_splits(args):
+    """The splits do_eval / do_predict read beyond train and validation."""
+    return {split for split, on in ((args.eval_split, args.do_eval), (args.predict_split, args.do_predict)) if on}
+
+
+def check_predict_args(data_args, args):
+    """Config-only checks of eval_split, predict_split and max_new_tokens."""
+    from hftune.engines import shards_parameters
+
+    for key, split in (("eval_split", args.eval_split), ("predict_split", args.predict_split)):
+        if split not in SPLITS:
+            raise HftuneError(f"{key} '{split}' is not a split hftune reads; choose one of {list(SPLITS)}.")
+    if args.max_new_tokens is not None and not (args.do_predict and data_args.task == "causal-lm"):
+        raise HftuneError("max_new_tokens applies to do_predict with task causal-lm only; drop it.")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise HftuneError(f"max_new_tokens must be >= 1, got {args.max_new_tokens}.")
+    if args.do_predict and args.engine == "pipeline":
+        raise HftuneError("do_predict does not run on engine: pipeline; train, then predict with the saved model "
+                          "(hftune evaluate --do_predict true, engine: trainer).")
+    if args.do_predict and data_args.task == "causal-lm" and shards_parameters(args):
+        raise HftuneError("do_predict generates on the main process, which needs whole parameters (not FSDP or "
+                          "ZeRO-3); predict with the saved model in a DDP or single-process run (hftune evaluate --do_predict true).")
+
+
+def check_splits(args, raw):
+    """Refuse, before any model is loaded, an eval_split / predict_split the data does not have."""
+    for key, split, used in (("eval_split", args.eval_split, args.do_eval),
+                             ("predict_split", args.predict_split, args.do_predict)):
+        if used and split not in raw and (key, split) == ("eval_split", "validation") and args.do_train:
+            continue  # the final evaluation is skipped, as evaluation during training would be
+        if used and split not in raw:
+            hint = ", or set test_file (or a dataset_name with a test split)" if split == "test" else ""
+            raise HftuneError(f"{key} '{split}' is not in the data (splits: {', '.join(raw)}); choose one of them{hint}.")
+        if used and is_stream(raw[split]):
+            raise HftuneError(f"{key} '{split}' is a stream (streaming: true); evaluate or predict validation or test.")
+
+
+def split_dataset(bundle, split):
+    return {"train": bundle.train_dataset, "validation": bundle.eval_dataset, "test": bundle.test_dataset}[split]
+
+
+def has_labels(dataset):
+    return "labels" in dataset.column_names
+
+
+def attach_inputs(bundle, raw, data_args, args):
+    """The predicted split's texts (prompts of a causal LM), rows limited as the task limited them."""
+    if args.do_predict and data_args.task != "image-classification":
+        split = args.predict_split
+        bundle.predict_inputs = limit_splits({split: raw[split]}, data_args)[split][data_args.text_column]
+
+
+def check_fine_tuned(model_args, bundle):
+    """Without training, a classifier must already predict the data's classes: a checkpoint with other
+    (or no fine-tuned) labels would get a new, random head and report chance-level metrics."""
+    if bundle.pipeline_task not in CLASSIFIERS:
+        return
+    path, common = pretrained_source(model_args)
+    saved = {int(i): name for i, name in AutoConfig.from_pretrained(path, **common).id2label.items()}
+    wanted = {int(i): name for i, name in bundle.model.config.id2label.items()}
+    if saved != wanted:
+        raise HftuneError(
+            f"'{model_args.model_name_or_path}' predicts the labels {list(saved.values())}, the data has "
+            f"{list(wanted.values())}; evaluate a checkpoint fine-tuned on these classes, or train it (do_train: true)."
+        )
+
+
+def evaluate(trainer, dataset, split):
+    """Metrics of a labelled split, logged and saved as <prefix>_results.json."""
+    if not has_labels(dataset):
+        raise HftuneError(f"eval_split '{split}' has no labels; evaluate a labelled split, or use do_predict alone.")
+    prefix = split_prefix(split)
+    metrics = {**trainer.evaluate(dataset, metric_key_prefix=prefix), f"{prefix}_samples": len(dataset)}
+    _report(trainer, prefix, metrics)
+    return metrics
+
+
+def predict(trainer, bundle, args):
+    """Write predictions_<predict_split>.jsonl; returns the split's metrics when it has labels."""
+    split = args.predict_split
+    dataset = split_dataset(bundle, split)
+    if bundle.pipeline_task in CLASSIFIERS:
+        rows, metrics = _classify(trainer, bundle, dataset, split)
+    else:
+        metrics = evaluate(trainer, dataset, split) if has_labels(dataset) else {}
+        rows = _generate(trainer, bundle, args.max_new_tokens or DEFAULT_NEW_TOKENS) if trainer.is_world_process_zero() else []
+    if trainer.is_world_process_zero():
+        path = os.path.join(args.output_dir, f"predictions_{split}.jsonl")
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(path, "w") as handle:
+            handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        logger.info(f"predictions for {len(rows)} {split} examples written to {path}")
+    return metrics
+
+
+def _report(trainer, prefix, metrics):
+    trainer.log_metrics(prefix, metrics)
+    trainer.save_metrics(prefix, metrics)
+
+
+def class_logits(trainer, bundle, dataset, prefix):
+    """(logits, label ids or None, metrics) from Trainer.predict, which gathers every process's rows
+    in dataset order. Other engines' evaluate() needs labels: a plain Trainer predicts for them."""
+    if not isinstance(trainer, Trainer):
+        if getattr(trainer, "fsdp", None) or not hasattr(trainer, "accelerator"):
+            raise HftuneError(f"do_predict runs on engine: trainer or accelerate without FSDP, not engine: "
+                              f"{trainer.args.engine}; predict with the saved model (hftune evaluate --do_predict true).")
+        metrics = trainer.evaluate(dataset, metric_key_prefix=prefix) if has_labels(dataset) else {}
+        trainer = Trainer(model=bundle.model, args=trainer.args, data_collator=bundle.data_collator)
+        with dataset_order(trainer.args):
+            output = trainer.predict(dataset, metric_key_prefix=prefix)
+        return output.predictions, output.label_ids, metrics
+    with dataset_order(trainer.args):
+        output = trainer.predict(dataset, metric_key_prefix=prefix)
+    return output.predictions, output.label_ids, output.metrics if has_labels(dataset) else {}
+
+
+@contextmanager
+def dataset_order(args):
+    """Trainer evaluates in batches of similar length under group_by_length, and returns the
+    predictions in that order: predict in the data set's own order instead."""
+    strategy = args.train_sampling_strategy
+    args.train_sampling_strategy = "sequential"
+    try:
+        yield
+    finally:
+        args.train_sampling_strategy = strategy
+
+
+def _classify(trainer, bundle, dataset, split):
+    prefix = split_prefix(split)
+    logits, labels, metrics = class_logits(trainer, bundle, dataset, prefix)
+    if metrics:
+        metrics = {**metrics, f"{prefix}_samples": len(dataset)}
+        _report(trainer, prefix, metrics)
+    names = bundle.model.config.id2label
+    probabilities = softmax(np.asarray(logits, dtype=np.float64))
+    inputs = getattr(bundle, "predict_inputs", None)
+    rows = []
+    for i, probs in enumerate(probabilities):
+        best = int(probs.argmax())
+        row = {"index": i} if inputs is None else {"index": i, "text": inputs[i]}
+        row.update(label=names[best], score=float(probs[best]),
+                   probabilities={names[k]: float(p) for k, p in enumerate(probs)})
+        if labels is not None:
+            row["true_label"] = names[int(labels[i])]
+        rows.append(row)
+    return rows, metrics
+
+
+def softmax(logits):
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
+def _generate(trainer, bundle, max_new_tokens):
+    """Greedy continuation of each text, one at a time (no padding to shift a prompt's positions);
+    the prompt keeps its last tokens when it would not fit the context with the new ones."""
+    model, tokenizer = bundle.model, bundle.processor
+    limits = [getattr(model.config, "max_position_embeddings", None), tokenizer.model_max_length]
+    room = min(n for n in limits if n) - max_new_tokens
+    if room < 1:
+        raise HftuneError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the model's context.")
+    device, training = next(model.parameters()).device, model.training
+    model.eval()
+    rows = []
+    for i, prompt in enumerate(bundle.predict_inputs):
+        prompt = "" if prompt is None else str(prompt)
+        ids = tokenizer(prompt)["input_ids"][-room:] or [tokenizer.bos_token_id or tokenizer.eos_token_id]
+        with torch.no_grad():
+            inputs = torch.tensor([ids], device=device)
+            output = model.generate(inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=max_new_tokens,
+                                    do_sample=False, num_beams=1, pad_token_id=tokenizer.pad_token_id)
+        rows.append({"index": i, "prompt": prompt,
+                     "generated": tokenizer.decode(output[0, len(ids):], skip_special_tokens=True)})
+    model.train(training)
+    return rows
