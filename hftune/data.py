@@ -12,16 +12,19 @@ Example:
     ['train', 'validation']
 """
 
+import logging
 import os
 from contextlib import contextmanager
 from pathlib import Path
 
 from datasets import ClassLabel, Dataset, DatasetDict, IterableDataset, load_dataset
-from datasets.exceptions import DatasetGenerationError
+from datasets.exceptions import DatasetGenerationCastError, DatasetGenerationError
 
 from hftune.assets import get_asset, is_asset
 from hftune.errors import HftuneError, closest
 from hftune.optim import optimizer_spec, schedule_kwargs
+
+logger = logging.getLogger("hftune")
 
 BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
 
@@ -85,8 +88,31 @@ def _load(data_args, cache_dir):
              for split, path in files.items()}
         )
     if builder == "csv" and any(Path(p).suffix.lower() == ".tsv" for p in files.values()):
-        return load_dataset(builder, data_files=files, delimiter="\t", **common)
-    return load_dataset(builder, data_files=files, **common)
+        common["delimiter"] = "\t"
+    try:
+        return load_dataset(builder, data_files=files, **common)
+    except DatasetGenerationCastError:
+        # The files' columns differ (e.g. one lacks the label column): read each on its own, so that
+        # the task names the missing column's config key and split instead of datasets' cast error.
+        return DatasetDict({split: load_dataset(builder, data_files={split: path}, split=split, **common)
+                            for split, path in files.items()})
+    except DatasetGenerationError as err:
+        if isinstance(err.__cause__, UnicodeDecodeError):
+            raise HftuneError(_not_utf8(files)) from None
+        raise
+
+
+def _not_utf8(files):
+    """Which file and line are not UTF-8 (datasets' error names neither)."""
+    for split, path in files.items():
+        with open(path, "rb") as handle:
+            for number, line in enumerate(handle, start=1):
+                try:
+                    line.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    return (f"{split}_file '{path}' is not valid UTF-8: line {number} has byte "
+                            f"0x{line[err.start]:02x}; re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8).")
+    return "the data is not valid UTF-8; re-encode the files as UTF-8."
 
 
 def _carve_validation(raw, percentage, seed):
@@ -190,6 +216,31 @@ def apply_batched(dataset, method, function, num_proc=None, desc=None, **kwargs)
     return getattr(dataset, method)(function, batched=True, **kwargs)
 
 
+def drop_empty_texts(dataset, split, columns, num_proc=None):
+    """(dataset without the rows whose text in any of `columns` is None or blank, how many it dropped).
+    Such a row has no input to learn from or score: it is skipped with a warning, and the run reports
+    the count as `<split>_skipped_rows` (TaskBundle.skipped_rows). A stream is filtered as it is read:
+    its count is unknown (None)."""
+    columns = [c for c in columns if c]
+
+    def has_text(batch):
+        rows = zip(*(batch[c] for c in columns))
+        return [all(t is not None and str(t).strip() for t in row) for row in rows]
+
+    kept = apply_batched(dataset, "filter", has_text, num_proc=num_proc, desc=f"dropping empty texts in {split}")
+    if is_stream(dataset):
+        return kept, None
+    dropped = len(dataset) - len(kept)
+    if dropped:
+        logger.warning(f"skipping {dropped} row(s) of the {split} split with an empty or missing {' / '.join(columns)}.")
+    return kept, dropped
+
+
+def check_not_empty(dataset, split):
+    if not is_stream(dataset) and len(dataset) == 0:
+        raise HftuneError(f"the {split} split has no usable row (every text is empty); check the data.")
+
+
 def label_ids(values, to_id, split):
     """Class ids of a batch of labels (as class names). A stream's labels cannot be checked up
     front, so one outside the known classes stops training here, named."""
@@ -272,8 +323,11 @@ def class_names(raw, label_column):
         values = raw[source].unique(label_column)
         if any(v is None for v in values):
             raise HftuneError(
-                f"label_column '{label_column}' has empty labels in the {source} split; drop or fill them."
+                f"label_column '{label_column}' has empty labels in the {source} split (first at row "
+                f"{_first_row(raw[source], label_column, None)}); drop or fill them."
             )
+        if source == "train":  # a validation split may simply lack a class
+            _check_integer_labels(raw[source], source, label_column, values)
         names = [str(v) for v in sorted(values)]
     if len(names) < 2:
         raise HftuneError(f"label_column '{label_column}' has a single class {names}; need at least 2.")
@@ -282,6 +336,27 @@ def class_names(raw, label_column):
         if not is_stream(dataset) and label_column in dataset.column_names:
             _check_split_labels(dataset, split, label_column, set(names), names, source)
     return names
+
+
+def _first_row(dataset, column, value):
+    return dataset[column].index(value)
+
+
+def _check_integer_labels(dataset, split, label_column, values):
+    """Integer labels are class ids: -1 marks an unlabelled row in HF data sets, and a gap in the ids
+    (0, 1, 2, 7) is almost always a typo that would silently add a class. Consecutive ids (0..K-1, or
+    1..K as in star ratings) are the classes themselves."""
+    if not values or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        return
+    ids = sorted(values)
+    odd = ids[0] if ids[0] < 0 else next((b for a, b in zip(ids, ids[1:]) if b != a + 1), None)
+    if odd is None:
+        return
+    why = "-1 marks unlabelled rows" if odd < 0 else f"ids {ids[:10]} are not consecutive"
+    raise HftuneError(
+        f"label_column '{label_column}' of the {split} split has label {odd} at row "
+        f"{_first_row(dataset, label_column, odd)} ({why}); fix or drop such rows, or give the classes as names."
+    )
 
 
 def _check_split_labels(dataset, split, label_column, known, names, source):

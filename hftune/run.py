@@ -99,6 +99,9 @@ def resolve_checkpoint(training_args):
 def check_inputs(model_args, data_args, training_args):
     if not model_args.model_name_or_path:
         raise HftuneError("model_name_or_path is not set; give a Hub id, a local checkpoint folder or an asset:NAME.")
+    name = str(model_args.model_name_or_path)
+    if (os.path.isabs(name) or name.startswith((".", "~"))) and not os.path.isdir(os.path.expanduser(name)):
+        raise HftuneError(f"model_name_or_path '{name}' is not a folder; give the folder a run saved to, or a Hub id.")
     if is_asset(model_args.model_name_or_path) and model_args.model_revision != "main":
         raise HftuneError("model_revision does not apply to an asset: model; drop it.")
     if data_args.test_file and "test" not in wanted_splits(training_args):
@@ -153,6 +156,8 @@ def train(trainer, bundle, training_args, checkpoint):
                    **throughput_results(trainer)}
         if not is_stream(bundle.train_dataset):  # a stream has no length
             metrics["train_samples"] = len(bundle.train_dataset)
+        # rows dropped as unusable (empty text, unreadable image): train_skipped_rows, validation_skipped_rows
+        metrics.update({f"{split}_skipped_rows": n for split, n in (bundle.skipped_rows or {}).items() if n})
         trainer.log_metrics("train", metrics)
         trainer.save_metrics("train", metrics)
         trainer.save_state()

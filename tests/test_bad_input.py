@@ -68,7 +68,7 @@ def test_checkpoint_that_does_not_exist(capsys, base, tmp_path):
 
 def test_model_that_does_not_exist(capsys, base, tmp_path):
     line = fail(capsys, base + ["--model_name_or_path", str(tmp_path / "no-such-model")])
-    assert "could not load model_name_or_path" in line and "no-such-model" in line
+    assert "is not a folder" in line and "no-such-model" in line
 
 
 def test_non_empty_output_dir_is_not_overwritten(capsys, base, tmp_path):

@@ -100,7 +100,7 @@ def test_evaluate_bad_input_is_one_line(classifier, tiny_bert, capsys, tmp_path)
     line = fail(capsys, base + ["--model_name_or_path", str(out), "--eval_split", "dev"])
     assert "eval_split 'dev'" in line and "['train', 'validation', 'test']" in line
     line = fail(capsys, base + ["--model_name_or_path", str(tmp_path / "missing")])
-    assert "could not load model_name_or_path" in line and "missing" in line
+    assert "is not a folder" in line and "missing" in line
     line = fail(capsys, base + ["--model_name_or_path", tiny_bert])  # not fine-tuned: its head would be random
     assert "predicts the labels ['LABEL_0', 'LABEL_1']" in line
     line = fail(capsys, base + ["--model_name_or_path", str(out), "--eval_split", "test",

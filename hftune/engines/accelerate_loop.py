@@ -50,6 +50,7 @@ from hftune.throughput import ThroughputCallback
 
 logger = logging.getLogger("hftune")
 ENGINE_STATE = "engine_state"  # Accelerator.save_state's folder inside checkpoint-N
+SCHEDULER_STATE = "hftune_scheduler.pt"  # the lr schedule's state_dict, in ENGINE_STATE (read with weights_only)
 
 
 def make_accelerator(args, is_hf_model=True):
@@ -249,7 +250,8 @@ class AccelerateEngine:
         self.lr_scheduler = build_scheduler(self.optimizer, args, max_steps, per_epoch)
         if not self.fsdp:  # prepare would wrap a CPU-sharded model in DDP; the raw optimizer is saved by fsdp
             self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
-        self.accelerator.register_for_checkpointing(self.lr_scheduler)
+        # Not register_for_checkpointing: accelerate reads registered states back with an unrestricted pickle
+        # (load_custom_state: torch.load(weights_only=False)); the schedule's state is saved beside instead.
         self.callback_handler.model, self.callback_handler.optimizer = self.model, self.optimizer
         self.callback_handler.lr_scheduler = self.lr_scheduler
         self.state.max_steps, self.state.num_train_epochs = max_steps, epochs
@@ -262,6 +264,8 @@ class AccelerateEngine:
         if checkpoint is None:
             return 0, 0
         self.accelerator.load_state(os.path.join(checkpoint, ENGINE_STATE))
+        self.lr_scheduler.load_state_dict(
+            torch.load(os.path.join(checkpoint, ENGINE_STATE, SCHEDULER_STATE), map_location="cpu", weights_only=True))
         if self.fsdp:
             self.fsdp.load_state(self.model, self.optimizer, os.path.join(checkpoint, ENGINE_STATE))
         loaded = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
@@ -404,6 +408,8 @@ class AccelerateEngine:
             unseal(path)
         self.save_model(path)
         self.accelerator.save_state(os.path.join(path, ENGINE_STATE))
+        if self.accelerator.is_main_process:
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(path, ENGINE_STATE, SCHEDULER_STATE))
         if self.fsdp:  # model and optimizer are not the accelerator's to save here
             self.fsdp.save_state(self.model, self.optimizer, os.path.join(path, ENGINE_STATE))
         if self.accelerator.is_main_process:

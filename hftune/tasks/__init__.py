@@ -8,11 +8,14 @@ Example:
 """
 
 import importlib
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from hftune.assets import resolve_model
 from hftune.errors import HftuneError, closest
+
+logger = logging.getLogger("hftune")
 
 TASKS = {
     "text-classification": "hftune.tasks.text_classification",
@@ -35,6 +38,7 @@ class TaskBundle:
     pipeline_task: str = None  # transformers.pipeline task that loads the saved model
     adapter: Any = None  # hftune.adapters.AdapterSaver under peft: saves what the adapter needs beside it
     predict_inputs: Any = None  # texts of the predict_split (prompts of a causal LM), set for do_predict
+    skipped_rows: dict = None  # split -> rows dropped as unusable (empty text, unreadable image)
 
 
 def pretrained_source(model_args):
@@ -42,6 +46,9 @@ def pretrained_source(model_args):
     cache and trust_remote_code setting for model, config and processor alike."""
     kwargs = dict(revision=model_args.model_revision, cache_dir=model_args.cache_dir,
                   trust_remote_code=model_args.trust_remote_code)
+    if model_args.trust_remote_code:
+        logger.warning(f"trust_remote_code: true runs the Python code shipped with '{model_args.model_name_or_path}' "
+                       "on this machine; keep it only for sources you trust.")
     return resolve_model(model_args.model_name_or_path), kwargs
 
 

@@ -32,7 +32,7 @@ from transformers import (
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 from hftune.adapters import PEFT_METHODS, quantized_loading
-from hftune.data import apply_batched, is_stream, limit_splits, require_columns
+from hftune.data import apply_batched, drop_empty_texts, is_stream, limit_splits, require_columns
 from hftune.errors import HftuneError
 from hftune.tasks import TaskBundle, load_config, pretrained_source
 
@@ -80,10 +80,6 @@ def tokenize(dataset, tokenizer, text, split, max_length=None, num_proc=None):
     """input_ids per non-empty text, each ending with EOS (unless truncation cut the text short,
     or the tokenizer already added one): the model learns where texts end."""
     eos = tokenizer.eos_token_id
-    dataset = apply_batched(
-        dataset, "filter", lambda batch: [t is not None and bool(str(t).strip()) for t in batch[text]],
-        num_proc=num_proc, desc=f"dropping empty texts in {split}",
-    )
     if not is_stream(dataset) and len(dataset) == 0:  # a stream is checked once prepared (build)
         raise HftuneError(f"the {split} split has no non-empty text in text_column '{text}'; check the data.")
 
@@ -133,10 +129,11 @@ def pack_stream(tokenized, block_size, texts_per_batch=1000):
     return tokenized.map(group, batched=True, batch_size=texts_per_batch, remove_columns=["input_ids"])
 
 
-def prepare(raw, tokenizer, data_args, length):
+def prepare(raw, tokenizer, data_args, length, skipped):
     text, workers = data_args.text_column, data_args.preprocessing_num_workers
     prepared = {}
     for split, dataset in raw.items():
+        dataset, skipped[split] = drop_empty_texts(dataset, split, [text], num_proc=workers)
         if data_args.concatenate_texts:
             tokenized = tokenize(dataset, tokenizer, text, split, num_proc=workers)
             pack = pack_stream if is_stream(tokenized) else partial(pack_blocks, split=split)
@@ -247,7 +244,8 @@ def build(model_args, data_args, raw):
         raise HftuneError("block_size only applies with concatenate_texts: true; drop it or use max_seq_length.")
     model, tokenizer = load_model_and_tokenizer(model_args)
     length = context_limit(data_args, tokenizer, model)
-    prepared = limit_splits(prepare(raw, tokenizer, data_args, length), data_args)  # counts blocks, as run_clm
+    skipped = {}  # split -> empty texts dropped
+    prepared = limit_splits(prepare(raw, tokenizer, data_args, length, skipped), data_args)  # counts blocks, as run_clm
     if is_stream(prepared["train"]) and next(iter(prepared["train"]), None) is None:
         raise HftuneError(
             f"the train stream yields no example: no non-empty text in text_column '{data_args.text_column}'"
@@ -259,5 +257,5 @@ def build(model_args, data_args, raw):
         model=model, processor=tokenizer, train_dataset=prepared.get("train"),
         eval_dataset=prepared.get("validation"), test_dataset=prepared.get("test"),
         data_collator=collator, derived_metrics=perplexity,
-        main_metric="eval_perplexity", pipeline_task="text-generation",
+        main_metric="eval_perplexity", pipeline_task="text-generation", skipped_rows=skipped,
     )

@@ -11,7 +11,11 @@ Example:
     torch.Size([3, 224, 224])
 """
 
+import io
+import logging
+
 import numpy as np
+import PIL.Image
 import pyarrow as pa
 import torch
 from datasets import ClassLabel, Image
@@ -21,6 +25,8 @@ from hftune.data import class_names, is_stream, label_column_of, label_ids, limi
 from hftune.errors import HftuneError
 from hftune.metrics import load_metric
 from hftune.tasks import TaskBundle, load_config, pretrained_source
+
+logger = logging.getLogger("hftune")
 
 
 class ImageTransform:
@@ -60,6 +66,9 @@ def as_images(dataset, split, column):
                 f"image_column '{column}' of the {split} split holds {dataset.features[column]}, not images; "
                 "it must hold PIL images, file paths or bytes."
             ) from None
+    skipped = None  # a stream's images are read as training goes
+    if not is_stream(dataset) and split != "test":  # test rows stay: each gets its prediction, in order
+        dataset, skipped = drop_unreadable_images(dataset, split, column)
     try:
         next(iter(dataset))[column] if is_stream(dataset) else dataset[0][column]
     except (OSError, ValueError) as err:  # FileNotFoundError, PIL.UnidentifiedImageError, ...
@@ -67,14 +76,39 @@ def as_images(dataset, split, column):
             f"image_column '{column}' of the {split} split could not be read as an image ({err}); "
             "file paths are read relative to the working directory."
         ) from None
-    return dataset
+    return dataset, skipped
+
+
+def _readable(value):
+    """Whether PIL can open the image and its data checks out (PIL's verify: no pixel decoding)."""
+    try:
+        source = io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"]
+        with PIL.Image.open(source) as image:
+            image.verify()
+        return True
+    except (OSError, ValueError, SyntaxError, TypeError, KeyError):  # what PIL raises for broken files
+        return False
+
+
+def drop_unreadable_images(dataset, split, column):
+    """(dataset without rows whose image cannot be opened, how many it dropped): a corrupt or missing
+    file is skipped with a warning naming it, not a crash mid-training; if no image is readable, the
+    caller's check of the first image names the problem."""
+    raw = dataset.cast_column(column, Image(decode=False))
+    bad = [i for i, value in enumerate(raw[column]) if not _readable(value or {})]
+    if not bad or len(bad) == len(dataset):
+        return dataset, 0
+    names = [raw[i][column].get("path") or f"row {i}" for i in bad[:3]]
+    logger.warning(f"skipping {len(bad)} unreadable image(s) of the {split} split (e.g. {names}).")
+    unreadable = set(bad)
+    return dataset.select(i for i in range(len(dataset)) if i not in unreadable), len(bad)
 
 
 def prepare(dataset, split, data_args, processor, to_id):
     """Keep only image and label, named as the model's forward() arguments: Trainer's
     remove_unused_columns then keeps them (it drops columns before the transform runs)."""
     image, label = data_args.image_column, data_args.label_column
-    dataset = as_images(dataset, split, image)
+    dataset, skipped = as_images(dataset, split, image)
     columns = {image: "pixel_values"}
     if label in dataset.column_names:
         columns[label] = "labels"
@@ -84,7 +118,7 @@ def prepare(dataset, split, data_args, processor, to_id):
     dataset = dataset.rename_columns({old: new for old, new in columns.items() if old != new})
     transform = ImageTransform(processor, to_id, split_names, split)
     # A stream has no on-the-fly transform: its map runs lazily, batch by batch, as training reads it.
-    return dataset.map(transform, batched=True) if is_stream(dataset) else dataset.with_transform(transform)
+    return (dataset.map(transform, batched=True) if is_stream(dataset) else dataset.with_transform(transform)), skipped
 
 
 def load_model(model_args, names):
@@ -119,6 +153,8 @@ def build(model_args, data_args, raw):
     to_id = {name: i for i, name in enumerate(names)}
     prepared = {split: prepare(ds, split, data_args, processor, to_id)
                 for split, ds in limit_splits(raw, data_args).items()}
+    skipped = {split: n for split, (_, n) in prepared.items()}
+    prepared = {split: ds for split, (ds, _) in prepared.items()}
     accuracy = load_metric("accuracy")
 
     def compute_metrics(eval_pred):
@@ -129,5 +165,5 @@ def build(model_args, data_args, raw):
         model=model, processor=processor, train_dataset=prepared.get("train"),
         eval_dataset=prepared.get("validation"), test_dataset=prepared.get("test"),
         data_collator=DefaultDataCollator(), compute_metrics=compute_metrics,
-        main_metric="eval_accuracy", pipeline_task="image-classification",
+        main_metric="eval_accuracy", pipeline_task="image-classification", skipped_rows=skipped,
     )

@@ -7,7 +7,9 @@ from datasets import ClassLabel
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
 from hftune.adapters import quantized_loading
-from hftune.data import apply_batched, class_names, label_column_of, label_ids, limit_splits, require_columns
+from hftune.data import (
+    apply_batched, check_not_empty, class_names, drop_empty_texts, label_column_of, label_ids, limit_splits, require_columns,
+)
 from hftune.metrics import load_metric
 from hftune.tasks import TaskBundle, load_config, pretrained_source
 
@@ -77,6 +79,13 @@ def build(model_args, data_args, raw):
             dataset, split, text_column=data_args.text_column, text_pair_column=data_args.text_pair_column,
             label_column=label_column_of(dataset, split, data_args.label_column),
         )
+    skipped = {}
+    for split in ("train", "validation"):  # test rows stay: each gets its prediction, in order
+        if split in raw:
+            raw[split], skipped[split] = drop_empty_texts(
+                raw[split], split, [data_args.text_column, data_args.text_pair_column],
+                num_proc=data_args.preprocessing_num_workers)
+            check_not_empty(raw[split], split)
     names = class_names(raw, data_args.label_column)
 
     model, tokenizer = load_model(model_args, names)
@@ -85,5 +94,5 @@ def build(model_args, data_args, raw):
         model=model, processor=tokenizer, train_dataset=tokenized.get("train"),
         eval_dataset=tokenized.get("validation"), test_dataset=tokenized.get("test"),
         data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=accuracy_and_macro_f1(),
-        main_metric="eval_accuracy", pipeline_task="text-classification",
+        main_metric="eval_accuracy", pipeline_task="text-classification", skipped_rows=skipped,
     )
