@@ -40,7 +40,7 @@ def seal(folder, run=None):
             if name != MANIFEST:
                 _fsync(path)
                 sizes[os.path.relpath(path, folder)] = os.path.getsize(path)
-    temporary = os.path.join(folder, MANIFEST + ".tmp")
+    temporary = os.path.join(folder, f"{MANIFEST}.{os.getpid()}.tmp")  # one per writer, even in a misconfigured launch
     with open(temporary, "w") as handle:
         json.dump({"files": sizes, "run": run}, handle, indent=1, sort_keys=True)
         handle.flush()

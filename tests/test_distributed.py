@@ -123,6 +123,10 @@ def test_strategy_shards_data_and_matches_one_process(name, run_args, single_pro
     if lossy:  # the compression is really on: gradient norms are not the exact ones
         norms, exact = step_logs(tmp_path / name, "grad_norm"), step_logs(reference, "grad_norm")
         assert max(abs(a - b) for a, b in zip(norms, exact)) > 1e-6
+    # the checkpoint records the launch that wrote it, which a resume with another layout is checked against
+    record = read_json(tmp_path / name / "checkpoint-4" / "hftune_checkpoint.json")["run"]
+    deepspeed = config != "ddp.yaml" or "--deepspeed" in extra
+    assert record["world_size"] == 2 and (record["zero_stage"] is not None) == deepspeed
     if name == "ddp":  # kill -9 both processes mid-step 3, then rerun the same command: it resumes from checkpoint-2
         command = args + ["--resume_from_checkpoint", "auto"]
         killed, _ = launch(config, 2, command, tmp_path, "resumed", check=False, env={"HFTUNE_KILL_AT": "step:3"})

@@ -27,7 +27,8 @@ RUNS = {
     # full model; pushes at each save plus last-checkpoint/, then at the end; private repo
     "full": (dict(hub_model_id="user/tiny-tweets", hub_private_repo="true", hub_strategy="checkpoint",
                   hub_always_push="true", save_strategy="steps", save_steps=3), {}),
-    "adapter": (dict(hub_model_id="user/tiny-lora", hub_strategy="end", peft="lora"), {}),
+    "adapter": (dict(hub_model_id="user/tiny-lora", hub_strategy="every_save", peft="lora", save_strategy="steps",
+                     save_steps=3), {}),
     "merged": (dict(hub_model_id="user/tiny-merged", hub_strategy="end", peft="lora", merge_adapter="true",
                     hub_push_merged="true", engine="accelerate"), {}),
     "refused": (dict(hub_model_id=f"{LOCKED}/tiny", max_steps=2), {}),
@@ -156,7 +157,11 @@ def test_peft_pushes_the_adapter_only_or_the_merged_model(hub, runs):
     adapter = hub.files("user/tiny-lora")
     assert {"adapter_config.json", "adapter_model.safetensors", "base_config/config.json"} <= set(adapter)
     assert "model.safetensors" not in adapter and not any(p.startswith("merged/") for p in adapter)
-    assert hub.commit_summaries("user/tiny-lora") == ["initial commit", "End of training"]  # hub_strategy: end
+    # hub_strategy every_save: output_dir at each save, no checkpoint folder; end: once
+    assert hub.commit_summaries("user/tiny-lora") == ["initial commit", "Training in progress, step 3",
+                                                      "Training in progress, step 6", "End of training"]
+    assert not any(p.startswith("last-checkpoint/") for p in adapter)
+    assert hub.commit_summaries("user/tiny-merged") == ["initial commit", "End of training"]
     merged = hub.files("user/tiny-merged")
     assert {"model.safetensors", "config.json", "tokenizer.json", "README.md"} <= set(merged)
     assert not any(p.startswith(("adapter_", "merged/", "base_config/")) for p in merged)

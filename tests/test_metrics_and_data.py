@@ -90,10 +90,10 @@ def test_preprocessing_is_cached_and_reused(tiny_bert, tweets_csv):
 
 
 def test_integer_and_classlabel_labels_map_to_the_same_ids():
-    raw = DatasetDict({"train": Dataset.from_dict({"text": ["a", "b", "c"], "label": [2, 0, 2]})})
-    assert class_names(raw, "label") == ["0", "2"]
+    raw = DatasetDict({"train": Dataset.from_dict({"text": ["a", "b", "c", "d"], "label": [2, 0, 1, 2]})})
+    assert class_names(raw, "label") == ["0", "1", "2"]
     raw["train"] = raw["train"].class_encode_column("label")
-    assert class_names(raw, "label") == ["0", "2"]
+    assert class_names(raw, "label") == ["0", "1", "2"]
 
 
 def test_unlabelled_classlabel_rows_are_refused():
