@@ -22,6 +22,7 @@ from transformers.modelcard import TASK_TAG_TO_NAME_MAPPING, make_markdown_table
 
 from hftune.adapters import BASE_CONFIG_DIR, MERGED_DIR, describe
 from hftune.assets import get_asset, is_asset
+from hftune.config import CONFIG_FILE
 from hftune.launch import deepspeed_config, pipeline_stages, uses_fsdp, zero_stage
 from hftune.optim import name_of, schedule_kwargs
 from hftune.plots import write_curves
@@ -35,7 +36,6 @@ NOT_RESULTS = ("runtime", "samples_per_second", "steps_per_second", "samples", "
 FRAMEWORKS = ("hftune", "transformers", "torch", "accelerate", "datasets", "peft")
 ENGINES = {"trainer": "Hugging Face Trainer", "accelerate": "hftune's Accelerate loop",
            "pipeline": "DeepSpeed pipeline engine"}
-CONFIG_FILE = "hftune_config.yaml"
 
 
 def write_report(trainer, bundle, model_args, data_args, training_args, metrics):
@@ -344,7 +344,7 @@ def adapter_snippet(bundle, model_args, ref):
 def usage_section(bundle, model_args, args):
     ref, task = model_reference(args), bundle.pipeline_task
     # a merged push (hub.py's hub_push_merged) puts a plain checkpoint in the repo the card describes
-    merged_on_hub = args.push_to_hub and getattr(args, "hub_push_merged", False) and ref == args.hub_model_id
+    merged_on_hub = args.push_to_hub and args.hub_push_merged and ref == args.hub_model_id
     if bundle.adapter is None or merged_on_hub:
         return f"## How to use\n\n{pipeline_snippet(task, ref)}"
     text = (f"## How to use\n\nThis folder holds a PEFT adapter ({describe(model_args)}):\n\n"

@@ -11,13 +11,13 @@ import shutil
 
 import yaml
 
+from hftune.config import CONFIG_FILE as CONFIG
 from hftune.errors import HftuneError
 from hftune.launch import deepspeed_config, uses_fsdp, zero_stage
 
 logger = logging.getLogger("hftune")
 
 MANIFEST = "hftune_checkpoint.json"
-CONFIG = "hftune_config.yaml"  # config.save_resolved_config's file
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 

@@ -30,6 +30,7 @@ from hftune.tasks import get_task
 from hftune.tasks.causal_lm import check_padding_free
 
 DEFAULT_RECIPE = "text_classification"
+CONFIG_FILE = "hftune_config.yaml"  # the resolved config every run writes into output_dir
 
 
 @dataclass
@@ -526,7 +527,7 @@ def resolved_config(model_args, data_args, training_args):
     return json.loads(json.dumps(resolved, default=str))  # enums and paths as plain values
 
 
-def save_resolved_config(model_args, data_args, training_args, name="hftune_config.yaml"):
+def save_resolved_config(model_args, data_args, training_args, name=CONFIG_FILE):
     """Write output_dir/hftune_config.yaml (or `name`); re-running it with --config reproduces the run."""
     if not training_args.should_save:
         return None

@@ -23,7 +23,7 @@ from hftune.card import write_report
 from hftune.checkpoints import (
     MANIFEST, check_compatible, holds_only_an_interrupted_start, is_complete, latest_complete, run_record,
 )
-from hftune.config import parse_config, resolved_config, save_resolved_config
+from hftune.config import CONFIG_FILE, parse_config, resolved_config, save_resolved_config
 from hftune.data import check_streaming, is_stream, load_raw_datasets
 from hftune.distillation import load_teacher
 from hftune.engines import build_engine
@@ -141,7 +141,7 @@ def setup(model_args, data_args, training_args):
     attach_inputs(bundle, raw, data_args, training_args)
     # Without training, output_dir may be the saved model's own folder: keep its training config.
     save_resolved_config(model_args, data_args, training_args,
-                         "hftune_config.yaml" if training_args.do_train else "hftune_evaluate_config.yaml")
+                         CONFIG_FILE if training_args.do_train else "hftune_evaluate_config.yaml")
     return build_engine(bundle, training_args, checkpoint, teacher), bundle, checkpoint
 
 
