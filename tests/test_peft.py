@@ -291,15 +291,16 @@ def test_two_process_lora_matches_one_process(config, launch_args, one_process, 
     assert [probes[r]["world_size"] for r in (0, 1)] == [2, 2]
     assert not set(probes[0]["rows"]) & set(probes[1]["rows"])
     out = tmp_path / "two"
-    # measured after 4 steps at lr 1e-2: adapters 3e-8 apart, merged checkpoints 1e-8 (all three launches)
-    assert max_difference(adapter(out), adapter(one_process)) < 1e-6
+    # measured after 4 steps at lr 1e-2: adapters 3e-8 apart, merged checkpoints 1e-8 (all three launches),
+    # but once 1.2e-6 in CI (summation order differs with the thread count); 1e-5 is the DDP bound we promise
+    assert max_difference(adapter(out), adapter(one_process)) < 1e-5
     # negative control: training moved the adapter (B starts at zero), so equality is not trivial
     assert max(v.abs().max().item() for k, v in adapter(out).items() if "lora_B" in k) > 1e-3
     if zero3:  # each process held half of every parameter; rank 0 merged alone from the saved adapter
         assert all(probes[r]["ds_tensor"] == pytest.approx(probes[r]["ds_numel"] / 2, rel=1e-2) for r in (0, 1))
         merged = AutoModelForSequenceClassification.from_pretrained(out / "merged").state_dict()
         reference = AutoModelForSequenceClassification.from_pretrained(one_process / "merged").state_dict()
-        assert max_difference(merged, reference) < 1e-6
+        assert max_difference(merged, reference) < 1e-5
 
 
 # ---- bad input: one line, before training ----
