@@ -11,8 +11,8 @@ the example scripts). It imports nothing from hftune.
 - image-classification: an image folder, AutoImageProcessor in `with_transform`,
   AutoModelForImageClassification, accuracy.
 
-Like hftune, it carves validation_split_percentage of a CSV's rows out as validation (same
-seed) and keeps the first max_train_samples / max_eval_samples rows, so both see the same data;
+Like hftune, it reads a validation_file or carves validation_split_percentage of a CSV's rows
+out as validation (same seed), and keeps the first max_train_samples / max_eval_samples rows, so both see the same data;
 metrics go to output_dir/all_results.json through `trainer.save_metrics`, as hftune's do.
 
 Example:
@@ -38,7 +38,7 @@ class ScriptArguments:
     task: str = field(default="text-classification", metadata={"help": "text-classification, causal-lm or image-classification."})
     model_name_or_path: str = field(default=None, metadata={"help": "Local checkpoint folder or Hub id."})
     train_file: str = field(default=None, metadata={"help": "A CSV (text tasks) or an image folder."})
-    validation_file: str = field(default=None, metadata={"help": "Image folder for validation (text tasks carve it from train)."})
+    validation_file: str = field(default=None, metadata={"help": "A CSV or an image folder; text tasks carve one from train without it."})
     text_column: str = field(default="text")
     label_column: str = field(default="label")
     image_column: str = field(default="image")
@@ -54,9 +54,14 @@ def first(dataset, n):
 
 
 def csv_splits(args, seed):
-    dataset = load_dataset("csv", data_files=args.train_file)["train"]
-    split = dataset.train_test_split(test_size=args.validation_split_percentage / 100, seed=seed)
-    return first(split["train"], args.max_train_samples), first(split["test"], args.max_eval_samples)
+    if args.validation_file:
+        data = load_dataset("csv", data_files={"train": args.train_file, "validation": args.validation_file})
+        train, evaluation = data["train"], data["validation"]
+    else:
+        split = load_dataset("csv", data_files=args.train_file)["train"].train_test_split(
+            test_size=args.validation_split_percentage / 100, seed=seed)
+        train, evaluation = split["train"], split["test"]
+    return first(train, args.max_train_samples), first(evaluation, args.max_eval_samples)
 
 
 def accuracy(eval_pred):

@@ -70,21 +70,26 @@ class Workload:
 
 
 def tweet_corpus(folder, rows=None):
-    """The real tweet corpus as clean UTF-8 CSV (sentiment,text): the asset file mixes encodings,
-    which a docs-style `load_dataset("csv")` cannot read. Both sides read this same file."""
+    """The real tweet corpus as clean UTF-8 CSVs (sentiment,text), 5% held out as validation:
+    (train path, validation path). The asset file mixes encodings, which a docs-style
+    `load_dataset("csv")` cannot read. Both sides read these same files, so the training seed can
+    change from round to round without changing the data."""
     import pandas as pd
 
     from hftune.assets import get_asset
 
-    path = folder / "tweets.csv"
     frame = pd.read_csv(get_asset("asset:tweet-sentiment", "dataset").locate(), encoding_errors="replace")
     frame = frame.dropna(subset=["text"])
     # Bare carriage returns inside tweets are not quoted by to_csv; whitespace runs become one space.
     frame["text"] = frame["text"].str.replace(r"\s+", " ", regex=True).str.strip()
     frame = frame[frame["text"] != ""][["sentiment", "text"]]
-    # The file is sorted by label: a slice takes rows from everywhere, in the file's order.
-    (frame if rows is None else frame.sample(n=rows, random_state=0).sort_index()).to_csv(path, index=False)
-    return path
+    # The file is sorted by label: shuffled rows, so any first N hold every label.
+    frame = frame.sample(n=rows or len(frame), random_state=SEED)
+    held_out = len(frame) // 20
+    paths = folder / "tweets-train.csv", folder / "tweets-validation.csv"
+    frame.iloc[held_out:].to_csv(paths[0], index=False)
+    frame.iloc[:held_out].to_csv(paths[1], index=False)
+    return paths
 
 
 def digit_folders(folder, size=32):
@@ -179,7 +184,7 @@ def tiny_resnet(folder):
 def common(opts, sizes):
     """Hyperparameters both sides get, explicitly, so neither falls back on its own default."""
     flags = dict(
-        seed=SEED, learning_rate=sizes["lr"], per_device_train_batch_size=sizes["batch"],
+        learning_rate=sizes["lr"], per_device_train_batch_size=sizes["batch"],
         per_device_eval_batch_size=sizes["eval_batch"], warmup_steps=0.06, weight_decay=0.01,
         lr_scheduler_type="linear", logging_steps=25, save_strategy="no", eval_strategy="no", report_to="none",
         disable_tqdm="true", max_eval_samples=opts.max_eval_samples or sizes["eval"],
@@ -197,8 +202,8 @@ def text_workload(opts, folder, corpus):
         sizes.update(train=64, eval=32, batch=16, eval_batch=32, length=48)
     model = tiny_bert(folder / "tiny-bert") if opts.tiny else resolve("asset:all-MiniLM-L6-v2")
     shared = dict(
-        common(opts, sizes), model_name_or_path=model, train_file=corpus, label_column="sentiment",
-        max_seq_length=sizes["length"], validation_split_percentage=5,
+        common(opts, sizes), model_name_or_path=model, train_file=corpus[0], validation_file=corpus[1],
+        label_column="sentiment", max_seq_length=sizes["length"],
         max_train_samples=opts.max_train_samples or sizes["train"],
     )
     from transformers import AutoTokenizer
@@ -221,11 +226,10 @@ def text_workload(opts, folder, corpus):
 
 
 def split_texts(corpus, rows, eval_rows):
-    """The first `rows` training and `eval_rows` validation texts, split as both sides split them."""
-    from datasets import load_dataset
+    """The first `rows` training and `eval_rows` validation texts: what both sides train and evaluate on."""
+    import pandas as pd
 
-    split = load_dataset("csv", data_files=str(corpus))["train"].train_test_split(test_size=0.05, seed=SEED)
-    return [list(d.select(range(min(n, len(d))))["text"]) for d, n in ((split["train"], rows), (split["test"], eval_rows))]
+    return [pd.read_csv(path)["text"].head(n).tolist() for path, n in zip(corpus, (rows, eval_rows))]
 
 
 def clm_workload(opts, folder, corpus):
@@ -238,8 +242,8 @@ def clm_workload(opts, folder, corpus):
     else:
         model = llama(folder / "llama", opts.tiny)
     length = sizes["length"]
-    shared = dict(common(opts, sizes), model_name_or_path=model, train_file=corpus, text_column="text",
-                  max_seq_length=length, validation_split_percentage=5,
+    shared = dict(common(opts, sizes), model_name_or_path=model, train_file=corpus[0], validation_file=corpus[1],
+                  text_column="text", max_seq_length=length,
                   max_train_samples=opts.max_train_samples or sizes["train"])
     from transformers import AutoTokenizer
 
@@ -307,8 +311,8 @@ def recipe_for(workload, variant, folder):
     return str(path)
 
 
-def command(workload, variant, output_dir, folder):
-    flags = {**workload.shared, **variant.flags, "output_dir": output_dir}
+def command(workload, variant, output_dir, folder, seed):
+    flags = {**workload.shared, **variant.flags, "output_dir": output_dir, "seed": seed}
     if variant.side == "hftune":
         head = [sys.executable, "-m", "hftune", "--config", recipe_for(workload, variant, folder)]
     else:
@@ -360,7 +364,9 @@ def run_once(launcher, workload, variant, folder, threads, index):
     log_path = folder / "runs" / f"{workload.name}-{variant.name}-{index}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    code, peak_mb = launcher.run(command(workload, variant, output_dir, folder), child_env(threads), log_path)
+    # round i trains with seed 42 + i on both sides: the eval metric's median is over seeds, not one draw
+    code, peak_mb = launcher.run(command(workload, variant, output_dir, folder, SEED + index), child_env(threads),
+                                 log_path)
     if code != 0:
         tail = "".join(open(log_path).readlines()[-15:])
         raise RuntimeError(f"{workload.name}/{variant.name} exited {code}; log {log_path}:\n{tail}")
@@ -396,7 +402,8 @@ def benchmark(launcher, workload, folder, threads, repeats):
             result = run_once(launcher, workload, variant, folder, threads, index)
             raw[variant.name].append(result)
             print(f"  {workload.name:5} {variant.name:24} run {index + 1}/{repeats}: "
-                  f"{result['samples_per_s']:.1f} samples/s, {result['wall_s']:.0f} s", flush=True)
+                  f"{result['samples_per_s']:.1f} samples/s, {workload.metric} {fmt(result['metric'], '.4f')}, "
+                  f"{result['wall_s']:.0f} s", flush=True)
     return {name: summarize(runs) for name, runs in raw.items()}, raw
 
 

@@ -74,7 +74,7 @@ def test_every_variant_parses_with_the_same_settings_on_both_sides(workloads, tm
     for workload in loads:
         parsed = {}
         for variant in workload.variants:
-            argv = bench.command(workload, variant, tmp_path / variant.name, folder)
+            argv = bench.command(workload, variant, tmp_path / variant.name, folder, seed=43)
             flags = argv[3:] if variant.side == "hftune" else argv[2:]  # after `python -m hftune` / the script
             parse = parse_hftune if variant.side == "hftune" else parse_baseline
             parsed[variant.name] = parse(flags)
@@ -86,6 +86,8 @@ def test_every_variant_parses_with_the_same_settings_on_both_sides(workloads, tm
             model = args[0].model_name_or_path
             assert model == reference[0].model_name_or_path == workload.shared["model_name_or_path"]
             assert str(data.train_file) == str(workload.shared["train_file"])
+            assert str(data.validation_file) == str(workload.shared["validation_file"])
+            assert training.seed == 43
 
 
 def test_packing_trains_on_the_same_texts_as_padded_batches(workloads):

@@ -46,6 +46,7 @@ from hftune.optim import (
 from hftune.launch import ddp_comm_kwargs
 from hftune.pruning import pruning_callback
 from hftune.regularization import clip_grad_value_, early_stopping_callback, penalties_for
+from hftune.sampling import shuffle_batches
 from hftune.throughput import ThroughputCallback
 
 logger = logging.getLogger("hftune")
@@ -119,8 +120,9 @@ class AccelerateEngine:
     def _train_sampler(self, dataset):
         strategy = self.args.train_sampling_strategy
         if strategy == "group_by_length":
-            return LengthGroupedSampler(self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps,
-                                        dataset=dataset, model_input_name=self.bundle.processor.model_input_names[0])
+            return shuffle_batches(LengthGroupedSampler(
+                self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps, dataset=dataset,
+                model_input_name=self.bundle.processor.model_input_names[0]))
         return SequentialSampler(dataset) if strategy == "sequential" else RandomSampler(dataset)
 
     def _eval_sampler(self, dataset):

@@ -22,6 +22,7 @@ from hftune.optim import (
 )
 from hftune.pruning import pruning_callback
 from hftune.regularization import clip_grad_value_, early_stopping_callback, penalties_for
+from hftune.sampling import shuffle_batches
 from hftune.throughput import ThroughputCallback
 
 logger = logging.getLogger("hftune")
@@ -65,6 +66,9 @@ class HftuneTrainer(Trainer):
         if pruner is not None:
             self.add_callback(pruner)
         self.add_callback(ThroughputCallback(self.model, self.accelerator))  # after the others: it times their work too
+
+    def _get_train_sampler(self, train_dataset=None):
+        return shuffle_batches(super()._get_train_sampler(train_dataset))
 
     def train(self, *args, **kwargs):
         # hftune rotates checkpoints itself, after each one is sealed (hftune.checkpoints): Trainer's
