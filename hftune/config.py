@@ -22,6 +22,7 @@ from hftune.adapters import check_peft_args
 from hftune.distillation import check_distillation
 from hftune.engines import check_training_strategy
 from hftune.errors import HftuneError, closest
+from hftune.gpu_defaults import bf16_by_default
 from hftune.hub import check_hub_args
 from hftune.quantization import check_quantize_args
 from hftune.ranges import DATA_RANGES, TRAINING_RANGES, check_ranges, check_something_to_do
@@ -284,6 +285,9 @@ class HftuneTrainingArguments(TrainingArguments):
         default=None,
         metadata={"help": "dynamic: also write a post-training dynamic int8 copy of the model to output_dir/quantized."},
     )
+    # Not an option: the settings hftune chose for this machine (hftune.gpu_defaults), left out of the
+    # resolved config so a re-run elsewhere chooses again.
+    machine_defaults: tuple = field(default=(), init=False, repr=False)
 
     def __post_init__(self):
         check_ranges(self, TRAINING_RANGES)  # before anything computes with a NaN, a negative or a null
@@ -441,7 +445,18 @@ HUB_SOURCES = ("dataset_name", "dataset_config_name")
 
 
 def _flags(argv):
-    return {a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")}
+    return set(_flag_values(argv))
+
+
+def _flag_values(argv):
+    """{flag name: value} of `--key=value`, `--key value` and bare `--key` tokens; the last one wins."""
+    values = {}
+    for i, token in enumerate(argv):
+        if token.startswith("--"):
+            name, has_value, value = token[2:].partition("=")
+            following = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else True
+            values[name.replace("-", "_")] = value if has_value else following
+    return values
 
 
 # Settings that exclude each other: choosing one on the command line drops the recipe's other.
@@ -477,6 +492,9 @@ def parse_config(argv=None):
     if not torch.accelerator.is_available():
         # Without this, a multi-process launch on a GPU-less machine silently runs N unsynchronised jobs.
         parser.set_defaults(use_cpu=True)
+    bf16 = bf16_by_default(_flag_values(recipe_argv + cli))
+    if bf16:
+        parser.set_defaults(bf16=True)
     parser.set_defaults(**defaults)
     try:
         *parsed, remaining = parser.parse_args_into_dataclasses(
@@ -490,6 +508,7 @@ def parse_config(argv=None):
         flag = next((r for r in remaining if r.startswith("--")), remaining[0])
         raise HftuneError(f"unknown argument '{flag}'.{closest(flag.lstrip('-'), field_names())}")
     model_args, data_args, training_args = parsed[:3]  # parsed[3]: the namespace holding --config
+    training_args.machine_defaults = ("bf16",) if bf16 else ()
     check_data_args(data_args)
     check_peft_args(model_args, data_args, training_args)
     check_distillation(model_args, training_args)
@@ -524,6 +543,8 @@ def resolved_config(model_args, data_args, training_args):
         resolved.pop("warmup_steps")
     if not torch.accelerator.is_available() and resolved.get("use_cpu"):
         resolved.pop("use_cpu")
+    for key in training_args.machine_defaults:
+        resolved.pop(key)
     return json.loads(json.dumps(resolved, default=str))  # enums and paths as plain values
 
 

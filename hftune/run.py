@@ -28,6 +28,7 @@ from hftune.data import check_streaming, is_stream, load_raw_datasets
 from hftune.distillation import load_teacher
 from hftune.engines import build_engine
 from hftune.errors import HftuneError
+from hftune.gpu_defaults import log_bf16_default
 from hftune.hub import push_results
 from hftune.launch import check_world_size
 from hftune.predict import (
@@ -113,6 +114,8 @@ def check_inputs(model_args, data_args, training_args):
 
 def setup(model_args, data_args, training_args):
     setup_logging(training_args)
+    if "bf16" in training_args.machine_defaults:
+        log_bf16_default()
     check_world_size(training_args)
     check_inputs(model_args, data_args, training_args)
     task = get_task(data_args.task)

@@ -23,6 +23,7 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification, De
 
 from hftune.data import class_names, is_stream, label_column_of, label_ids, limit_splits, require_columns
 from hftune.errors import HftuneError
+from hftune.gpu_defaults import channels_last
 from hftune.metrics import load_metric
 from hftune.tasks import TaskBundle, load_config, pretrained_source
 
@@ -135,7 +136,7 @@ def load_model(model_args, names):
         path, config=config, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
         dtype=torch.float32, **common
     )
-    return model, processor
+    return channels_last(model), processor
 
 
 def build(model_args, data_args, raw):

@@ -1,0 +1,62 @@
+"""Speed defaults on a GPU, taken only where the config leaves the choice open, and logged with the
+setting that turns each one off.
+
+- bf16 mixed precision on a GPU that supports it, unless a precision was chosen anywhere: fp16 or
+  bf16 in the recipe or on the command line, the accelerate config's mixed_precision (other than
+  "no"), or an explicit fp16/bf16 `enabled` in the DeepSpeed JSON ("auto" follows the flags).
+- channels-last memory format for CNNs, the layout cuDNN's fastest convolution kernels read.
+
+Fused AdamW (TrainingArguments' default optim since torch 2.8) and SDPA attention (transformers'
+default; it dispatches to flash kernels on a GPU) need nothing from hftune. torch.compile stays
+opt-in (`torch_compile: true`): it compiles for minutes before the first step.
+"""
+
+import json
+import logging
+import os
+
+import torch
+
+logger = logging.getLogger("hftune")
+
+
+def on_gpu():
+    return torch.cuda.is_available()
+
+
+def gpu_supports_bf16():
+    return on_gpu() and torch.cuda.is_bf16_supported()
+
+
+def _deepspeed_json(flags):
+    path = flags.get("deepspeed") or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if not path or not str(path).endswith(".json") or not os.path.isfile(path):
+        return {}
+    with open(path) as handle:
+        return json.load(handle)
+
+
+def precision_chosen(flags):
+    """Whether the run already names a precision. `flags`: {flag name: value} from recipe and CLI."""
+    if "fp16" in flags or "bf16" in flags:
+        return True
+    if os.environ.get("ACCELERATE_MIXED_PRECISION", "no") != "no":
+        return True
+    ds = _deepspeed_json(flags)
+    return any(isinstance((ds.get(name) or {}).get("enabled"), bool) for name in ("fp16", "bf16"))
+
+
+def bf16_by_default(flags):
+    return gpu_supports_bf16() and not precision_chosen(flags)
+
+
+def log_bf16_default():
+    logger.info("precision: bf16 mixed precision (hftune's default on a bf16-capable GPU; bf16: false trains in fp32)")
+
+
+def channels_last(model):
+    """CNNs on a GPU: weights in channels-last layout (inputs follow the weights' layout in cuDNN)."""
+    if on_gpu():
+        model.to(memory_format=torch.channels_last)
+        logger.info("memory format: channels-last (hftune's default for CNNs on a GPU)")
+    return model
