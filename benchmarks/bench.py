@@ -16,7 +16,8 @@ Workloads:
   text   all-MiniLM-L6-v2 on the tweet corpus (3 classes): hftune default vs docs-style baseline
          (padding="max_length") vs baseline with dynamic padding vs hftune with the baseline's
          settings (random sampling: the overhead figure).
-  clm    a GPT-style (Llama) causal LM on the tweet texts: hftune packing vs padded batches.
+  clm    a GPT-style (Llama) causal LM on the tweet texts: hftune packing (texts kept apart: the
+         default; or run_clm.py's blocks) and padding-free batches vs padded batches.
          Default model: a small random-init Llama with the SmolLM2 tokenizer; --clm_model smollm2
          uses the real SmolLM2-135M-Instruct (slow on CPU).
   image  a random-init ResNet-18 (64 px) on sklearn's real digit scans, hftune vs baseline.
@@ -253,17 +254,19 @@ def clm_workload(opts, folder, corpus):
     blocks, eval_blocks = (max(1, sum(n) // length) for n in lengths)
     per_text = statistics.mean(min(n, length) for n in lengths[0])  # truncated to max_seq_length
     unpacked = dict(concatenate_texts="false", train_sampling_strategy="random")
+    packed = dict(block_size=length, max_train_samples=blocks, max_eval_samples=eval_blocks)
     variants = [
         Variant("baseline-padded", "baseline", dict(padding="dynamic"), tokens_per_sample=per_text),
         # packing's limits count blocks (as run_clm.py): as many as the same texts fill
-        Variant("hftune-packed", "hftune", dict(block_size=length, max_train_samples=blocks,
-                                                max_eval_samples=eval_blocks), tokens_per_sample=length),
+        Variant("hftune-packed", "hftune", packed, tokens_per_sample=length),
+        Variant("hftune-packed-run_clm", "hftune", dict(packed, isolate_texts="false"), tokens_per_sample=length),
         Variant("hftune-padding-free", "hftune", unpacked, drop=("block_size",), tokens_per_sample=per_text),
         Variant("hftune-padded", "hftune", dict(unpacked, padding_free="false"), drop=("block_size",),
                 tokens_per_sample=per_text),
     ]
     comparisons = [
         ("hftune-packed", "baseline-padded", "packing vs padded batches (target >= 1.8x tokens/s)"),
+        ("hftune-packed-run_clm", "baseline-padded", "run_clm.py's packing, texts see each other"),
         ("hftune-padding-free", "baseline-padded", "padding-free vs padded batches (target >= 1.8x tokens/s)"),
         ("hftune-padded", "baseline-padded", "same settings: overhead (target <= 3%)"),
     ]

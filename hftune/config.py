@@ -141,6 +141,14 @@ class DataArguments:
             "model keeps the texts apart exactly, else padded batches; false: always pad."
         },
     )
+    isolate_texts: bool = field(
+        default=None,
+        metadata={
+            "help": "causal-lm with concatenate_texts: true: keep each text in a block to itself (position ids "
+            "restart per text, so no token attends to or predicts across a text boundary). Default: on wherever "
+            "the model keeps the texts apart exactly; false: run_clm.py's blocks, where texts see the ones before."
+        },
+    )
     max_train_samples: int = field(default=None, metadata={"help": "Keep at most this many training examples."})
     max_eval_samples: int = field(default=None, metadata={"help": "Keep at most this many evaluation examples."})
     validation_split_percentage: float = field(
@@ -345,6 +353,7 @@ TASK_FIELDS = {
     "block_size": ("causal-lm",),
     "concatenate_texts": ("causal-lm",),
     "padding_free": ("causal-lm",),
+    "isolate_texts": ("causal-lm",),
     "image_column": ("image-classification",),
 }
 

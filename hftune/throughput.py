@@ -50,7 +50,7 @@ import time
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import TrainerCallback
+from transformers import DataCollatorWithFlattening, TrainerCallback
 
 logger = logging.getLogger("hftune")
 
@@ -65,15 +65,17 @@ GPU_PEAKS = {
 MAIN_INPUTS = ("input_ids", "pixel_values", "input_values", "inputs_embeds")
 
 
-def batch_counts(inputs):
-    """(samples, real tokens or None) of one batch of model inputs."""
+def batch_counts(inputs, flattened=False):
+    """(samples, real tokens or None) of one batch of model inputs; `flattened`: the batch's texts
+    were flattened into one row (DataCollatorWithFlattening), each starting at position 0. Packed
+    blocks carry position ids too, but a block is a sample, as Trainer counts it."""
     ids = inputs.get("input_ids")
     main = next(inputs[k] for k in MAIN_INPUTS if k in inputs)
     if ids is None:
         return main.shape[0], None
     if "attention_mask" in inputs:
         return ids.shape[0], inputs["attention_mask"].sum()
-    if "position_ids" in inputs:  # flattened sequences: each starts at position 0
+    if flattened and "position_ids" in inputs:
         return (inputs["position_ids"] == 0).sum(), ids.numel()
     return ids.shape[0], ids.numel()
 
@@ -139,8 +141,9 @@ def peak_memory(device):
 class ThroughputCallback(TrainerCallback):
     """Counts what the model trains on and times the steps; `metrics` holds the train_* fields after training."""
 
-    def __init__(self, model, accelerator):
+    def __init__(self, model, accelerator, collator=None):
         self.model, self.accelerator = model, accelerator
+        self.flattened = isinstance(collator, DataCollatorWithFlattening)
         self.flops_per_token = 6 * matmul_parameters(model)
         self.flops_per_sample = self.metrics = self._mark = None  # _mark: None outside training's steps
 
@@ -151,7 +154,7 @@ class ThroughputCallback(TrainerCallback):
         if not module.training or main is None or main is self._last_input:  # eval, or a line search's re-run
             return
         self._last_input = main
-        samples, tokens = batch_counts(kwargs)
+        samples, tokens = batch_counts(kwargs, self.flattened)
         self._samples, self._tokens = self._samples + samples, self._tokens + (tokens or 0)
         if tokens is None and self.flops_per_sample is None:
             self._flop_counter = FlopCounterMode(display=False)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 from datasets import Dataset, DatasetDict
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, default_data_collator
 
 from hftune.assets import get_asset, resolve_model
 from hftune.config import DataArguments, ModelArguments
@@ -98,23 +98,36 @@ def test_trains_end_to_end(tmp_path, tiny_llama, tweet_jsonl, concatenate):
         assert torch.isfinite(model(**batch, labels=batch["input_ids"]).loss)
 
 
-def test_packing_keeps_the_token_stream(tiny_llama, tweet_texts):
-    """Every block is full, and the blocks read back as the stream of texts-with-EOS, in order."""
+@pytest.mark.parametrize("isolate", [None, False], ids=["texts-apart", "run_clm-blocks"])
+def test_packing_keeps_the_token_stream(tiny_llama, tweet_texts, isolate):
+    """Every block is full, and the blocks read back as the stream of texts-with-EOS, in order. By
+    default each text's positions restart at 0 (at a block start too) and its first token is not
+    predicted from the text before; with isolate_texts: false labels are the inputs, no positions."""
     texts = tweet_texts[:100] + ["", None, "   "]  # empty texts are dropped, not turned into lone EOS tokens
     raw = DatasetDict({"train": Dataset.from_dict({"text": texts})})
-    bundle = build_bundle(tiny_llama, raw, block_size=48)
+    bundle = build_bundle(tiny_llama, raw, block_size=48, isolate_texts=isolate)
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
-    stream = []
+    stream, offsets = [], []  # offsets: each token's position within its text
     for text in tweet_texts[:100]:
         ids = tokenizer(text)["input_ids"]
-        stream += ids if ids[-1] == tokenizer.eos_token_id else ids + [tokenizer.eos_token_id]
+        ids = ids if ids[-1] == tokenizer.eos_token_id else ids + [tokenizer.eos_token_id]
+        stream, offsets = stream + ids, offsets + list(range(len(ids)))
     columns = bundle.train_dataset[:]
     blocks = columns["input_ids"]
+    n = len(blocks) * 48
     assert len(blocks) == len(stream) // 48 > 0
     assert all(len(block) == 48 for block in blocks)
-    assert [t for block in blocks for t in block] == stream[: len(blocks) * 48]
-    assert columns["labels"] == blocks
+    assert [t for block in blocks for t in block] == stream[:n]
+    labels = [t for block in columns["labels"] for t in block]
+    if isolate is False:
+        assert labels == stream[:n] and "position_ids" not in columns
+        assert bundle.data_collator is default_data_collator
+    else:
+        assert labels == [-100 if offset == 0 else t for t, offset in zip(stream, offsets[:n])]
+        positions = [p for block in columns["position_ids"] for p in block]
+        assert positions == [min(offset, i % 48) for i, offset in enumerate(offsets[:n])]
+        assert bundle.data_collator is causal_lm.isolated_blocks_collator
     assert bundle.main_metric == "eval_perplexity" and bundle.pipeline_task == "text-generation"
 
 
@@ -193,13 +206,14 @@ def test_perplexity_in_every_evaluation_and_as_best_model_metric(tmp_path, tiny_
 
 
 def test_engines_agree_on_a_causal_lm(tmp_path, tiny_llama, tweet_jsonl):
-    """Packed blocks hold equal token counts, so Trainer's token weighting and the accelerate
-    engine's micro-batch means coincide: same losses, perplexity and learning rates."""
+    """run_clm.py's blocks hold equal numbers of labelled tokens, so Trainer's token weighting and the
+    accelerate engine's micro-batch means coincide: same losses, perplexity and learning rates.
+    (Blocks with texts kept apart leave each text's first token unlabelled: counts differ by block.)"""
     results = {}
     for engine in ("trainer", "accelerate"):
         (tmp_path / engine).mkdir()
         recipe, out = write_recipe(tmp_path / engine, tiny_llama, *tweet_jsonl, engine=engine, block_size=32,
-                                   gradient_accumulation_steps=2, per_device_train_batch_size=4, max_steps=8,
+                                   isolate_texts=False, gradient_accumulation_steps=2, per_device_train_batch_size=4, max_steps=8,
                                    eval_strategy="steps", eval_steps=4, max_eval_samples=16)
         main(["--config", recipe])
         history = json.loads(open(f"{out}/trainer_state.json").read())["log_history"]

@@ -1,6 +1,7 @@
 """causal-lm padding-free batches (concatenate_texts: false, padding_free unset or true): every text
 in a flattened batch gets the logits it gets alone, the loss is the token-weighted mean of the texts'
-losses, a run matches padded batches step for step, and what cannot be exact is refused."""
+losses, a run matches padded batches step for step, and what cannot be exact is refused. Packed
+blocks (concatenate_texts: true, isolate_texts unset or true) keep their texts apart the same way."""
 
 from types import SimpleNamespace
 
@@ -8,7 +9,9 @@ import pytest
 import torch
 import yaml
 from datasets import Dataset, DatasetDict
-from transformers import AutoTokenizer, DataCollatorForSeq2Seq, GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM
+from transformers import (
+    AutoTokenizer, DataCollatorForSeq2Seq, GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM, default_data_collator,
+)
 
 from conftest import fail, logged_losses
 from hftune.config import DataArguments, ModelArguments
@@ -71,6 +74,33 @@ def test_each_packed_text_gets_its_own_logits_and_loss(model, request, tweet_tex
     assert packed.loss.item() == pytest.approx(weighted, abs=1e-5)
 
 
+@pytest.mark.parametrize("model", ["tiny_llama", "tiny_gpt2"])
+def test_each_text_in_a_packed_block_gets_its_own_logits(model, request, tweet_texts):  # noqa: F811
+    path = request.getfixturevalue(model)
+    raw = DatasetDict({"train": Dataset.from_dict({"text": tweet_texts[:12]})})
+    bundle = causal_lm.build(ModelArguments(model_name_or_path=path), DataArguments(task="causal-lm", block_size=64), raw)
+    batch = bundle.data_collator([bundle.train_dataset[i] for i in range(2)])
+    model = bundle.model.train()
+    packed = model(**batch)
+    segments = 0
+    for row in range(2):
+        starts = (batch["position_ids"][row] == 0).nonzero().flatten().tolist() + [64]
+        for start, end in zip(starts, starts[1:]):
+            alone = model(input_ids=batch["input_ids"][row:row + 1, start:end], use_cache=False).logits[0]
+            torch.testing.assert_close(packed.logits[row, start:end], alone, atol=1e-5, rtol=1e-5)
+            segments += 1
+    assert segments > 4  # several texts per block (tweets are short)
+    # the loss is next-token cross-entropy over the labels, none predicting a text's first token
+    logits, labels = packed.logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten()
+    assert (labels == -100).sum() >= segments - 2  # every text start inside a block (a block's first label is unused)
+    assert packed.loss.item() == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item(), abs=1e-5)
+    # negative control: run_clm.py's blocks let the second text of a block see the first
+    plain = model(input_ids=batch["input_ids"], use_cache=False).logits
+    start, end = starts[1], starts[2]
+    alone = model(input_ids=batch["input_ids"][1:2, start:end], use_cache=False).logits[0]
+    assert (plain[1, start:end] - alone).abs().max() > 1e-3
+
+
 def run(tmp_path, model, train, validation, name, **overrides):
     recipe = dict(
         task="causal-lm", model_name_or_path=model, train_file=str(train), validation_file=str(validation),
@@ -94,14 +124,23 @@ def test_training_matches_padded_batches_step_for_step(tmp_path, tiny_llama, twe
     assert flat[-1] < flat[0] - 0.5, flat  # from ln(30522) = 10.3 at random init
 
 
-def test_a_model_that_mixes_packed_texts_gets_padded_batches(tiny_opt, tweet_texts):  # noqa: F811
+def test_a_model_that_mixes_packed_texts_gets_padded_batches_or_plain_blocks(tiny_opt, tweet_texts):  # noqa: F811
     assert isinstance(build_bundle(tiny_opt, tweet_texts[:4]).data_collator, DataCollatorForSeq2Seq)
     with pytest.raises(HftuneError, match=r"padding_free: true, but for opt .*see each other"):
         build_bundle(tiny_opt, tweet_texts[:4], padding_free=True)
+    raw = DatasetDict({"train": Dataset.from_dict({"text": tweet_texts[:8]})})
+    blocks = causal_lm.build(ModelArguments(model_name_or_path=tiny_opt), DataArguments(task="causal-lm", block_size=32),
+                             raw)
+    assert blocks.data_collator is default_data_collator and "position_ids" not in blocks.train_dataset.column_names
+    with pytest.raises(HftuneError, match=r"isolate_texts: true, but for opt .*see each other"):
+        causal_lm.build(ModelArguments(model_name_or_path=tiny_opt),
+                        DataArguments(task="causal-lm", block_size=32, isolate_texts=True), raw)
 
 
 @pytest.mark.parametrize("flags, message", [
     (["--task=causal-lm"], "padding_free applies to concatenate_texts: false"),  # blocks by default
+    (["--task=causal-lm", "--concatenate_texts=false", "--isolate_texts=true"],
+     "isolate_texts applies to concatenate_texts: true"),
     (["--task=causal-lm", "--concatenate_texts=false", "--peft=prompt_tuning"],
      "padding_free: true cannot be used with peft: prompt_tuning"),
     (["--task=text-classification"], "padding_free does not apply to task text-classification"),
@@ -117,9 +156,10 @@ def test_bad_combinations_are_refused(capsys, tmp_path, tiny_llama, tweet_jsonl,
                                            (dict(), "pipeline")], ids=["teacher", "pipeline"])
 def test_unset_padding_free_pads_where_it_is_not_checked(model, engine):
     args = SimpleNamespace(engine=engine)  # a real pipeline config also needs a DeepSpeed launch
-    data_args = DataArguments(task="causal-lm", concatenate_texts=False)
-    causal_lm.check_padding_free(ModelArguments(**model), data_args, args)
-    assert data_args.padding_free is False
-    with pytest.raises(HftuneError, match="padding_free: true cannot be used with"):
-        causal_lm.check_padding_free(ModelArguments(**model), DataArguments(task="causal-lm", concatenate_texts=False,
-                                                                            padding_free=True), args)
+    for key, concatenate in (("padding_free", False), ("isolate_texts", True)):
+        data_args = DataArguments(task="causal-lm", concatenate_texts=concatenate)
+        causal_lm.check_padding_free(ModelArguments(**model), data_args, args)
+        assert getattr(data_args, key) is False
+        with pytest.raises(HftuneError, match=f"{key}: true cannot be used with"):
+            causal_lm.check_padding_free(ModelArguments(**model), DataArguments(
+                task="causal-lm", concatenate_texts=concatenate, **{key: True}), args)

@@ -7,7 +7,8 @@ run logs the same lines and writes the same trainer_state.json. Same recipe and 
 process: the same losses and learning rates as `engine: trainer`.
 Differences from Trainer: under gradient accumulation and DDP each micro-batch's mean loss counts
 equally (Trainer weighs a causal LM's tokens across micro-batches and processes, which differs
-only when batches hold different numbers of tokens, e.g. `concatenate_texts: false`);
+only when batches hold different numbers of labelled tokens: single texts, or packed blocks whose
+texts are kept apart, each text's first token unlabelled);
 checkpoints hold the model plus `engine_state/` from `Accelerator.save_state`.
 FSDP: on GPUs `accelerator.prepare` applies it; on a machine without GPUs accelerate cannot, so the
 engine shards the model itself with FSDP2 (hftune/engines/fsdp.py) before building the optimizer.
@@ -98,7 +99,7 @@ class AccelerateEngine:
         callbacks = [DefaultFlowCallback, *get_reporting_integration_callbacks(args.report_to),
                      PrinterCallback if args.disable_tqdm else ProgressCallback, early_stopping_callback(args),
                      pruning_callback(self.model, args, bundle.train_dataset if args.do_train else None),
-                     ThroughputCallback(self.model, self.accelerator)]
+                     ThroughputCallback(self.model, self.accelerator, bundle.data_collator)]
         self.callback_handler = CallbackHandler([c for c in callbacks if c is not None], self.model,
                                                 bundle.processor, None, None)
 

@@ -3,7 +3,10 @@ metric perplexity = exp(eval_loss).
 
 Two ways to turn texts into examples (`concatenate_texts`):
 - true: every text plus an EOS, joined into one token stream cut into `block_size` blocks, as
-  transformers' run_clm.py does: no padding, every position is trained on.
+  transformers' run_clm.py does: no padding. By default (`isolate_texts`) the blocks also carry
+  position ids that restart with every text, from which the model's mask keeps each text to itself,
+  and each text's first token is not predicted from the text before it; `isolate_texts: false`
+  gives run_clm.py's blocks, where a text attends to the texts before it in its block.
 - false: each text on its own, truncated to `max_seq_length`. By default (`padding_free`) each
   batch is flattened into one row with no padding (transformers' DataCollatorWithFlattening):
   position ids restart at 0 for every text, from which the model's mask keeps every text to
@@ -22,6 +25,7 @@ import math
 from functools import partial
 from itertools import chain
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
@@ -93,27 +97,48 @@ def tokenize(dataset, tokenizer, text, split, max_length=None, num_proc=None):
                          remove_columns=dataset.column_names)
 
 
-def pack_blocks(tokenized, block_size, split):
-    """Cut the split's whole token stream into block_size blocks; only its last partial block is
-    dropped (run_clm.py drops one per 1000-text batch). Arrow cuts the stream, not Python lists.
+def cut_blocks(stream, lengths, block_size, isolate):
+    """{column: (blocks, block_size) array} of a token stream made of texts of `lengths` tokens; the
+    last partial block is dropped. `isolate`: position ids restart with every text (and block), from
+    which the model's mask keeps each text to itself, and each text's first token gets label -100
+    instead of being predicted from the text before it: the predictions padded batches train on.
+
+    >>> cut_blocks(np.array([1, 2, 3, 4, 5, 6, 7]), np.array([3, 2, 2]), 3, isolate=True)["position_ids"]
+    array([[0, 1, 2],
+           [0, 1, 0]])
+    """
+    n = len(stream) // block_size * block_size
+    columns = {"input_ids": stream[:n], "labels": stream[:n]}
+    if isolate:
+        index = np.arange(n)
+        offset = index - np.repeat(np.cumsum(lengths) - lengths, lengths)[:n]  # position within its text
+        columns["labels"] = np.where(offset == 0, -100, stream[:n])
+        columns["position_ids"] = np.minimum(offset, index % block_size)
+    return {name: column.reshape(-1, block_size) for name, column in columns.items()}
+
+
+def pack_blocks(tokenized, block_size, split, isolate=False):
+    """Cut the split's whole token stream into block_size blocks (cut_blocks); only its last partial
+    block is dropped (run_clm.py drops one per 1000-text batch). Arrow hands the stream over without
+    Python lists.
 
     >>> ds = Dataset.from_dict({"input_ids": [[1, 2, 3], [4, 5], [6, 7, 8]]})
     >>> pack_blocks(ds, 3, "train")[:]["input_ids"]
     [[1, 2, 3], [4, 5, 6]]
     """
-    table = tokenized.with_format("arrow")[:]  # respects any select/shuffle indices mapping
-    stream = pc.list_flatten(table.column("input_ids")).combine_chunks()
-    n_blocks = len(stream) // block_size
-    if n_blocks == 0:
+    texts = tokenized.with_format("arrow")[:].column("input_ids").combine_chunks()  # respects select/shuffle
+    stream = pc.list_flatten(texts).to_numpy()
+    if len(stream) < block_size:
         raise HftuneError(
             f"the {split} split has only {len(stream)} tokens, fewer than block_size={block_size}; "
             "lower block_size or add text."
         )
-    blocks = pa.FixedSizeListArray.from_arrays(stream.slice(0, n_blocks * block_size), block_size)
-    return Dataset(pa.table({"input_ids": blocks, "labels": blocks}))
+    columns = cut_blocks(stream, pc.list_value_length(texts).to_numpy(), block_size, isolate)
+    return Dataset(pa.table({name: pa.FixedSizeListArray.from_arrays(pa.array(column.ravel()), block_size)
+                             for name, column in columns.items()}))
 
 
-def pack_stream(tokenized, block_size, texts_per_batch=1000):
+def pack_stream(tokenized, block_size, texts_per_batch=1000, isolate=False):
     """pack_blocks for a stream, as run_clm.py packs: each batch of `texts_per_batch` texts is
     joined and cut into block_size blocks, its last partial block dropped.
 
@@ -122,14 +147,15 @@ def pack_stream(tokenized, block_size, texts_per_batch=1000):
     [[1, 2, 3], [6, 7, 8]]
     """
     def group(batch):
-        stream = list(chain.from_iterable(batch["input_ids"]))
-        blocks = [stream[i : i + block_size] for i in range(0, len(stream) - block_size + 1, block_size)]
-        return {"input_ids": blocks, "labels": [list(block) for block in blocks]}
+        stream = np.fromiter(chain.from_iterable(batch["input_ids"]), dtype=np.int64)
+        lengths = np.array([len(ids) for ids in batch["input_ids"]])
+        return {name: column.tolist() for name, column in cut_blocks(stream, lengths, block_size, isolate).items()}
 
     return tokenized.map(group, batched=True, batch_size=texts_per_batch, remove_columns=["input_ids"])
 
 
-def prepare(raw, tokenizer, data_args, length, skipped):
+def prepare(raw, tokenizer, data_args, length, skipped, apart):
+    """Examples of every split: blocks (texts kept `apart` or not) or single texts."""
     text, workers = data_args.text_column, data_args.preprocessing_num_workers
     prepared = {}
     for split, dataset in raw.items():
@@ -137,7 +163,7 @@ def prepare(raw, tokenizer, data_args, length, skipped):
         if data_args.concatenate_texts:
             tokenized = tokenize(dataset, tokenizer, text, split, num_proc=workers)
             pack = pack_stream if is_stream(tokenized) else partial(pack_blocks, split=split)
-            prepared[split] = pack(tokenized, length)
+            prepared[split] = pack(tokenized, length, isolate=apart)
         else:
             tokenized = tokenize(dataset, tokenizer, text, split, max_length=length, num_proc=workers)
             prepared[split] = apply_batched(tokenized, "map", lambda b: {"labels": b["input_ids"]}, num_proc=workers)
@@ -153,16 +179,21 @@ class FlatteningCollator(DataCollatorWithFlattening):
         return {**super().__call__(features, return_tensors, separator_id), "use_cache": False}
 
 
+def apart_key(data_args):
+    """The setting that keeps texts apart: isolate_texts for packed blocks, padding_free for single texts."""
+    return "isolate_texts" if data_args.concatenate_texts else "padding_free"
+
+
 def check_padding_free(model_args, data_args, args):
-    """Config-only checks of `padding_free` (true, false, or unset: on where it is exact); an unset
-    value becomes false where padding-free batches cannot be used."""
+    """Config-only checks of `padding_free` / `isolate_texts` (true, false, or unset: on where it is
+    exact); an unset value becomes false where texts cannot be kept apart by position ids."""
     if data_args.task != "causal-lm":
         return
-    if data_args.concatenate_texts:
-        if data_args.padding_free is not None:
-            raise HftuneError("padding_free applies to concatenate_texts: false (packed blocks have no padding); "
-                              "drop padding_free or set concatenate_texts: false.")
-        return
+    key = apart_key(data_args)
+    other = "padding_free" if data_args.concatenate_texts else "isolate_texts"
+    if getattr(data_args, other) is not None:
+        mode = "false (single texts)" if other == "padding_free" else "true (packed blocks)"
+        raise HftuneError(f"{other} applies to concatenate_texts: {mode}; drop {other} or change concatenate_texts.")
     blockers = {
         f"peft: {model_args.peft} (its virtual tokens break the packed row's position ids)":
             model_args.peft in PEFT_METHODS and not PEFT_METHODS[model_args.peft].wraps_modules,
@@ -171,10 +202,10 @@ def check_padding_free(model_args, data_args, args):
             bool(model_args.teacher_model_name_or_path),
     }
     for what, blocked in blockers.items():
-        if blocked and data_args.padding_free:
-            raise HftuneError(f"padding_free: true cannot be used with {what}; set padding_free: false.")
+        if blocked and getattr(data_args, key):
+            raise HftuneError(f"{key}: true cannot be used with {what}; set {key}: false.")
         if blocked:
-            data_args.padding_free = False
+            setattr(data_args, key, False)
 
 
 def packing_leak(model, collator):
@@ -203,21 +234,36 @@ def packing_leak(model, collator):
     return None
 
 
-def per_example_collator(data_args, model, tokenizer):
-    """Padding-free batches where they are exact (padding_free true or unset), else padded ones."""
-    if data_args.padding_free is not False:
-        collator = FlatteningCollator()
-        leak = packing_leak(model, collator)
-        if leak is None:
-            return collator
-        name = f"{model.config.model_type} ({model.config._attn_implementation} attention)"
-        if data_args.padding_free:
-            raise HftuneError(f"padding_free: true, but for {name} {leak}; set padding_free: false "
-                              "(Llama, GPT-2 and other models whose mask follows position_ids support it).")
-        logger.info("padded batches: padding-free ones would be inexact for %s: %s.", name, leak)
+def keep_texts_apart(data_args, model):
+    """Whether examples keep their texts apart by position ids (padding_free / isolate_texts true or
+    unset), checked on the model; a model that would let them mix gets padded batches or plain blocks."""
+    key = apart_key(data_args)
+    if getattr(data_args, key) is False:
+        return False
+    leak = packing_leak(model, FlatteningCollator())
+    if leak is None:
+        return True
+    name = f"{model.config.model_type} ({model.config._attn_implementation} attention)"
+    if getattr(data_args, key):
+        raise HftuneError(f"{key}: true, but for {name} {leak}; set {key}: false "
+                          "(Llama, GPT-2 and other models whose mask follows position_ids support it).")
+    fallback = "run_clm.py's blocks, where a text sees the texts before it" if data_args.concatenate_texts else \
+        "padded batches"
+    logger.info("%s: keeping texts apart would be inexact for %s: %s.", fallback, name, leak)
+    return False
+
+
+def isolated_blocks_collator(features):
+    """Blocks with per-text position ids, and `use_cache=False` (see FlatteningCollator)."""
+    return {**default_data_collator(features), "use_cache": False}
+
+
+def collator_for(data_args, apart, tokenizer):
+    if data_args.concatenate_texts:
+        return isolated_blocks_collator if apart else default_data_collator
     # labels padded with -100 by the collator, not masked by token id: with pad == eos,
     # DataCollatorForLanguageModeling(mlm=False) would also hide every real EOS from the loss.
-    return DataCollatorForSeq2Seq(tokenizer)
+    return FlatteningCollator() if apart else DataCollatorForSeq2Seq(tokenizer)
 
 
 def perplexity(metrics):
@@ -244,15 +290,16 @@ def build(model_args, data_args, raw):
         raise HftuneError("block_size only applies with concatenate_texts: true; drop it or use max_seq_length.")
     model, tokenizer = load_model_and_tokenizer(model_args)
     length = context_limit(data_args, tokenizer, model)
+    apart = keep_texts_apart(data_args, model)
     skipped = {}  # split -> empty texts dropped
-    prepared = limit_splits(prepare(raw, tokenizer, data_args, length, skipped), data_args)  # counts blocks, as run_clm
+    prepared = limit_splits(prepare(raw, tokenizer, data_args, length, skipped, apart), data_args)  # counts blocks
     if is_stream(prepared["train"]) and next(iter(prepared["train"]), None) is None:
         raise HftuneError(
             f"the train stream yields no example: no non-empty text in text_column '{data_args.text_column}'"
             + (f", or fewer than block_size={length} tokens per 1,000 texts" if data_args.concatenate_texts else "")
             + "; check the data or lower block_size."
         )
-    collator = default_data_collator if data_args.concatenate_texts else per_example_collator(data_args, model, tokenizer)
+    collator = collator_for(data_args, apart, tokenizer)
     return TaskBundle(
         model=model, processor=tokenizer, train_dataset=prepared.get("train"),
         eval_dataset=prepared.get("validation"), test_dataset=prepared.get("test"),
