@@ -1,6 +1,6 @@
 """Benchmark: the same fine-tune under hftune and under a plain Trainer script, side by side.
 
-Each workload runs its variants alternately (A B C A B C ... for --repeats rounds), every run in
+Each workload runs its variants alternately (A B C, B C A, ... for --repeats rounds), every run in
 a fresh subprocess with OMP_NUM_THREADS fixed, all on the same rows, model and hyperparameters:
 - hftune runs its shipped recipe (hftune/recipes/*.yaml) with the sizes and hyperparameters
   overridden by flags; everything else stays hftune's default.
@@ -185,7 +185,7 @@ def tiny_resnet(folder):
 def common(opts, sizes):
     """Hyperparameters both sides get, explicitly, so neither falls back on its own default."""
     flags = dict(
-        learning_rate=sizes["lr"], per_device_train_batch_size=sizes["batch"],
+        learning_rate=sizes["lr"], per_device_train_batch_size=opts.batch_size or sizes["batch"],
         per_device_eval_batch_size=sizes["eval_batch"], warmup_steps=0.06, weight_decay=0.01,
         lr_scheduler_type="linear", logging_steps=25, save_strategy="no", eval_strategy="no", report_to="none",
         disable_tqdm="true", max_eval_samples=opts.max_eval_samples or sizes["eval"],
@@ -398,10 +398,12 @@ def summarize(runs):
 
 
 def benchmark(launcher, workload, folder, threads, repeats):
-    """Alternate the variants (A B C, A B C, ...) so load drifting on the machine hits all alike."""
+    """Alternate the variants, rotating the order each round (A B C, B C A, C A B, ...), so load
+    drifting on the machine and whatever a run leaves behind hit all variants alike."""
     raw = {v.name: [] for v in workload.variants}
     for index in range(repeats):
-        for variant in workload.variants:
+        shift = index % len(workload.variants)
+        for variant in workload.variants[shift:] + workload.variants[:shift]:
             result = run_once(launcher, workload, variant, folder, threads, index)
             raw[variant.name].append(result)
             print(f"  {workload.name:5} {variant.name:24} run {index + 1}/{repeats}: "
@@ -464,6 +466,7 @@ def parse_args(argv=None):
     parser.add_argument("--max_eval_samples", type=int, help="validation rows; default per workload")
     parser.add_argument("--epochs", type=float, default=1.0, help="num_train_epochs (default 1)")
     parser.add_argument("--max_steps", type=int, help="train this many steps instead of --epochs")
+    parser.add_argument("--batch_size", type=int, help="per_device_train_batch_size (default per workload: 32, clm 8)")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                         help="OMP_NUM_THREADS of every run (default: the cores available)")
     parser.add_argument("--clm_model", choices=["small", "smollm2"], default="small",

@@ -43,7 +43,7 @@ def test_tiny_benchmark_runs_and_prints_the_table(tmp_path):
 def workloads(tmp_path_factory):
     folder = tmp_path_factory.mktemp("bench")
     opts = Namespace(tiny=True, max_train_samples=None, max_eval_samples=None, max_steps=None, epochs=1.0,
-                     clm_model="small")
+                     clm_model="small", batch_size=None)
     corpus = bench.tweet_corpus(folder, rows=600)
     return folder, [make(opts, folder, corpus) for make in bench.WORKLOADS.values()]
 

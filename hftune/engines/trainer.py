@@ -65,7 +65,8 @@ class HftuneTrainer(Trainer):
         pruner = pruning_callback(self.model, self.args, self.train_dataset)
         if pruner is not None:
             self.add_callback(pruner)
-        self.add_callback(ThroughputCallback(self.model, self.accelerator, self.data_collator))  # after the others: it times their work too
+        # after the others: it times their work too
+        self.add_callback(ThroughputCallback(self.model, self.accelerator, self.data_collator))
 
     def _get_train_sampler(self, train_dataset=None):
         return shuffle_batches(super()._get_train_sampler(train_dataset))
