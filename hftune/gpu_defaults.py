@@ -29,11 +29,16 @@ def gpu_supports_bf16():
 
 
 def _deepspeed_json(flags):
-    path = flags.get("deepspeed") or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
-    if not path or not str(path).endswith(".json") or not os.path.isfile(path):
+    """The DeepSpeed config: `deepspeed` as a path or inline JSON (a recipe's mapping), or the JSON the
+    accelerate config names; {} when there is none (or it cannot be read: DeepSpeed will say why)."""
+    value = str(flags.get("deepspeed") or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") or "")
+    try:
+        if value.lstrip().startswith("{"):
+            return json.loads(value)
+        with open(value) as handle:
+            return json.load(handle)
+    except (OSError, ValueError):
         return {}
-    with open(path) as handle:
-        return json.load(handle)
 
 
 def precision_chosen(flags):

@@ -56,6 +56,7 @@ def test_an_explicit_deepspeed_precision_counts(fp16, chosen, bf16_gpu, tmp_path
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"fp16": {"enabled": fp16}, "bf16": {"enabled": "auto"}}))
     assert gpu_defaults.precision_chosen({"deepspeed": str(path)}) is chosen
+    assert gpu_defaults.precision_chosen({"deepspeed": path.read_text()}) is chosen  # a recipe's inline mapping
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(path))  # a DeepSpeed JSON named by the accelerate config
     assert gpu_defaults.precision_chosen({}) is chosen
 
