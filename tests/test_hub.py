@@ -27,8 +27,9 @@ RUNS = {
     # full model; pushes at each save plus last-checkpoint/, then at the end; private repo
     "full": (dict(hub_model_id="user/tiny-tweets", hub_private_repo="true", hub_strategy="checkpoint",
                   hub_always_push="true", save_strategy="steps", save_steps=3), {}),
+    # hub_always_push: Trainer otherwise skips a save's push while the previous one is still uploading
     "adapter": (dict(hub_model_id="user/tiny-lora", hub_strategy="every_save", peft="lora", save_strategy="steps",
-                     save_steps=3), {}),
+                     save_steps=3, hub_always_push="true"), {}),
     "merged": (dict(hub_model_id="user/tiny-merged", hub_strategy="end", peft="lora", merge_adapter="true",
                     hub_push_merged="true", engine="accelerate"), {}),
     "refused": (dict(hub_model_id=f"{LOCKED}/tiny", max_steps=2), {}),

@@ -52,6 +52,7 @@ def llama_args(model, data, out, **overrides):
         per_device_eval_batch_size=5, learning_rate=1e-2, warmup_steps=0, logging_steps=1, seed=0,
         train_sampling_strategy="sequential", eval_strategy="no", save_strategy="no", do_eval="false",
         report_to="none", disable_tqdm="true",
+        isolate_texts="false",  # the pipeline engine's blocks: the one-process references must train on the same
     )
     return cli_flags(settings, overrides)
 
