@@ -125,15 +125,14 @@ def tied_llama(tmp_path_factory, tweets):
 
 
 def test_fsdp_causal_lm_with_tied_embeddings_matches_one_process(tied_llama, tmp_path):
+    """Blocks with texts kept apart hold different numbers of labelled tokens (each text's first is
+    unlabelled): the two processes weigh every token alike, as one process does."""
     def args(out, batch):
         return ["--task", "causal-lm", "--model_name_or_path", tied_llama, "--train_file", tied_llama / "train.jsonl",
                 "--validation_file", tied_llama / "validation.jsonl", "--text_column", "text", "--block_size", "32",
                 "--report_to", "none", "--max_steps", "5", "--logging_steps", "1", "--learning_rate", "1e-2",
                 "--warmup_steps", "0", "--disable_tqdm", "true", "--seed", "0", "--train_sampling_strategy",
-                "sequential", "--do_eval", "false", "--output_dir", out, "--per_device_train_batch_size", batch,
-                # run_clm blocks: every block has the same number of labelled tokens, so each process's mean
-                # loss weighs the same as one process's (texts kept apart leave a different count per block)
-                "--isolate_texts", "false"]
+                "sequential", "--do_eval", "false", "--output_dir", out, "--per_device_train_batch_size", batch]
 
     launch("fsdp.yaml", 2, args(tmp_path / "two", 4), tmp_path)
     launch("single_device.yaml", 1, args(tmp_path / "one", 8), tmp_path)

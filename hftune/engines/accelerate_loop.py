@@ -5,15 +5,14 @@ It takes its optimizer, schedule, clipping and penalties from the same registrie
 engine, and drives Trainer's own callbacks (flow, progress bar, trackers, early stopping), so a
 run logs the same lines and writes the same trainer_state.json. Same recipe and seed on one
 process: the same losses and learning rates as `engine: trainer`.
-Differences from Trainer: under gradient accumulation and DDP each micro-batch's mean loss counts
-equally (Trainer weighs a causal LM's tokens across micro-batches and processes, which differs
-only when batches hold different numbers of labelled tokens: single texts, or packed blocks whose
-texts are kept apart, each text's first token unlabelled);
-checkpoints hold the model plus `engine_state/` from `Accelerator.save_state`.
+A causal LM's loss weighs every labelled token of an update alike across micro-batches and processes,
+as Trainer does (average_tokens_across_devices); other tasks' micro-batch means count equally.
+Differences from Trainer: checkpoints hold the model plus `engine_state/` from `Accelerator.save_state`.
 FSDP: on GPUs `accelerator.prepare` applies it; on a machine without GPUs accelerate cannot, so the
 engine shards the model itself with FSDP2 (hftune/engines/fsdp.py) before building the optimizer.
 """
 
+import inspect
 import logging
 import math
 import os
@@ -55,6 +54,13 @@ ENGINE_STATE = "engine_state"  # Accelerator.save_state's folder inside checkpoi
 SCHEDULER_STATE = "hftune_scheduler.pt"  # the lr schedule's state_dict, in ENGINE_STATE (read with weights_only)
 
 
+def accepts_loss_kwargs(model):
+    """Whether the model's forward takes num_items_in_batch, decided as Trainer decides it."""
+    if hasattr(model, "accepts_loss_kwargs"):
+        return model.accepts_loss_kwargs
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(model.forward).parameters.values())
+
+
 def make_accelerator(args, is_hf_model=True):
     """An Accelerator configured from TrainingArguments the way Trainer configures its own."""
     config = args.accelerator_config.to_dict()
@@ -89,6 +95,7 @@ class AccelerateEngine:
         self.model = bundle.model
         # the class under a peft wrapper (PeftModelForCausalLM is no causal-LM class name)
         self.is_causal = type(unwrap_peft_model(self.model)).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+        self.weigh_tokens = accepts_loss_kwargs(unwrap_peft_model(self.model))
         self.label_smoother = LabelSmoother(args.label_smoothing_factor) if args.label_smoothing_factor else None
         self.penalties = penalties_for(self.model, args)
         self.distiller = distiller_for(teacher, args, self.accelerator)
@@ -150,32 +157,52 @@ class AccelerateEngine:
 
     # ---- one optimizer step ----
 
-    def compute_loss(self, model, batch):
-        """The model's loss (label-smoothed like Trainer's when asked); returns (loss, outputs)."""
+    def compute_loss(self, model, batch, num_items_in_batch=None):
+        """The model's loss (label-smoothed like Trainer's when asked); returns (loss, outputs). With
+        num_items_in_batch: the sum over this batch's labelled tokens divided by it, as in Trainer."""
+        kwargs = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
         if self.label_smoother is not None and "labels" in batch:
             batch = dict(batch)
             labels = batch.pop("labels")
             outputs = model(**batch)
-            return self.label_smoother(outputs, labels, shift_labels=self.is_causal), outputs
-        outputs = model(**batch)
+            return self.label_smoother(outputs, labels, shift_labels=self.is_causal, **kwargs), outputs
+        outputs = model(**batch, **kwargs)
         return outputs["loss"], outputs
+
+    def _labelled_tokens(self, micro_batches):
+        """A causal LM's predicted tokens in one update on all processes, counted as Trainer counts
+        them (labels[..., 1:], or shift_labels); None where the micro-batch means count equally."""
+        if not (self.is_causal and self.weigh_tokens and "labels" in micro_batches[0]):
+            return None
+        count = sum((b["shift_labels"] if "shift_labels" in b else b["labels"][..., 1:]).ne(-100).sum()
+                    for b in micro_batches)
+        return self.accelerator.reduce(count, "sum") if self.args.average_tokens_across_devices else count
 
     def _backward(self, micro_batches):
         """Forward/backward over the micro-batches of one update; DDP syncs on the last only."""
+        tokens = self._labelled_tokens(micro_batches)
         for i, batch in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
             with nullcontext() if last else self._no_sync():
-                loss = self._training_loss(batch) / len(micro_batches)
+                loss = self._training_loss(batch, tokens, len(micro_batches))
                 self.accelerator.backward(loss)
             self._add_to_logged_loss(loss.detach())
 
-    def _training_loss(self, batch):
-        """The task loss, mixed with the teacher's distillation term, plus the penalties."""
-        loss, outputs = self.compute_loss(self.model, batch)
+    def _training_loss(self, batch, tokens=None, accumulation=1):
+        """This micro-batch's share of the update's loss: the task loss (over `tokens` labelled tokens
+        of the update when given, else a micro-batch mean), mixed with the teacher's distillation term,
+        plus the penalties once per update."""
+        loss, outputs = self.compute_loss(self.model, batch, tokens)
+        scaled = tokens is not None
+        if scaled and self.args.average_tokens_across_devices:
+            # DDP and FSDP average gradients over processes; Trainer multiplies the loss back the same way
+            loss = loss * self.accelerator.num_processes
+            tokens = tokens / self.accelerator.num_processes
         if self.distiller is not None:
-            loss = self.distiller.mix(loss, outputs["logits"], batch, batch.get("labels"),
-                                      accumulation=self.args.gradient_accumulation_steps)
-        return self.penalties.add_to(loss)
+            loss = self.distiller.mix(loss, outputs["logits"], batch, batch.get("labels"), num_items=tokens,
+                                      accumulation=accumulation, scaled=scaled)
+        loss = self.penalties.add_to(loss, 1 / accumulation if scaled else 1.0)
+        return loss if scaled else loss / accumulation
 
     def _no_sync(self):
         return self.fsdp.no_sync(self.model) if self.fsdp else self.accelerator.no_sync(self.model)
