@@ -251,12 +251,14 @@ def test_distilled_causal_lm_is_closer_to_its_teacher(lm_runs, tiny_llama, lm_da
     assert distilled < 0.75 * plain
 
 
-def test_causal_lm_distillation_is_normalized_like_the_lm_loss(lm_runs, tiny_llama, lm_data, tmp_path):
-    """Trainer normalizes a causal LM's loss by the tokens of the whole accumulated batch: 2 x 4 blocks
-    with gradient accumulation give the 8-block run's loss, task and distillation parts."""
+@pytest.mark.parametrize("engine", ["trainer", "accelerate"])
+def test_causal_lm_distillation_is_normalized_like_the_lm_loss(engine, lm_runs, tiny_llama, lm_data, tmp_path):
+    """Both engines normalize a causal LM's loss by the tokens of the whole accumulated batch: 2 x 4
+    blocks with gradient accumulation give Trainer's 8-block run's loss, task and distillation parts."""
     root, runs = lm_runs
     _, history = run_engine(lm_args(tiny_llama, tmp_path / "ga", lm_data, max_steps=5, per_device_train_batch_size=4,
-                                    gradient_accumulation_steps=2, teacher_model_name_or_path=root / "teacher"))
+                                    gradient_accumulation_steps=2, teacher_model_name_or_path=root / "teacher",
+                                    engine=engine))
     for key in ("loss", "task_loss", "distill_loss"):
         assert step_logs(history, key) == pytest.approx(step_logs(runs["distilled"], key), rel=1e-4), key
 
