@@ -401,13 +401,18 @@ def summarize(runs):
     return summary
 
 
+def round_order(variants, index):
+    """Round `index`'s order, rotated each round (A B C, B C A, C A B, ...), so load drifting on the
+    machine and whatever a run leaves behind hit all variants alike."""
+    shift = index % len(variants)
+    return variants[shift:] + variants[:shift]
+
+
 def benchmark(launcher, workload, folder, threads, repeats):
-    """Alternate the variants, rotating the order each round (A B C, B C A, C A B, ...), so load
-    drifting on the machine and whatever a run leaves behind hit all variants alike."""
+    """Alternate the variants in fresh processes, `repeats` rounds."""
     raw = {v.name: [] for v in workload.variants}
     for index in range(repeats):
-        shift = index % len(workload.variants)
-        for variant in workload.variants[shift:] + workload.variants[:shift]:
+        for variant in round_order(workload.variants, index):
             result = run_once(launcher, workload, variant, folder, threads, index)
             raw[variant.name].append(result)
             print(f"  {workload.name:5} {variant.name:24} run {index + 1}/{repeats}: "

@@ -102,3 +102,21 @@ def test_packing_trains_on_the_same_texts_as_padded_batches(workloads):
     assert packed.tokens_per_sample == length
     # packing cuts untruncated texts into blocks, dropping only the last partial block
     assert blocks * length >= texts * padded.tokens_per_sample - length
+
+
+def test_rounds_rotate_the_order_so_each_variant_runs_first_once():
+    orders = [bench.round_order(list("ABC"), i) for i in range(4)]
+    assert orders == [list("ABC"), list("BCA"), list("CAB"), list("ABC")]
+
+
+def test_batch_size_flag_reaches_both_sides(workloads, tmp_path):
+    folder, _ = workloads
+    opts = Namespace(tiny=True, max_train_samples=None, max_eval_samples=None, max_steps=None, epochs=1.0,
+                     clm_model="small", batch_size=4)
+    corpus = (folder / "tweets-train.csv", folder / "tweets-validation.csv")
+    for workload in (make(opts, folder, corpus) for make in bench.WORKLOADS.values()):
+        for variant in workload.variants:
+            argv = bench.command(workload, variant, tmp_path / variant.name, folder, seed=42)
+            parse = parse_hftune if variant.side == "hftune" else parse_baseline
+            training = parse(argv[3:] if variant.side == "hftune" else argv[2:])[-1]
+            assert training.per_device_train_batch_size == 4, (workload.name, variant.name)

@@ -87,3 +87,18 @@ def test_channels_last_cnn_on_a_gpu_computes_the_same(monkeypatch, tiny_resnet):
     weight = model.resnet.embedder.embedder.convolution.weight
     assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
     assert (model(pixel_values=pixels).logits - expected).abs().max() < 1e-5
+
+
+def test_image_task_trains_a_cnn_channels_last_on_a_gpu(monkeypatch, tiny_resnet, digit_folders, tmp_path, caplog):
+    """Through the image task's own loader: the weights it trains are channels-last, and it says so."""
+    monkeypatch.setattr(gpu_defaults, "on_gpu", lambda: True)
+    args = [f"--{key}={value}" for key, value in dict(
+        config="image_classification", model_name_or_path=tiny_resnet, output_dir=tmp_path / "out",
+        train_file=digit_folders[0], validation_file=digit_folders[1], report_to="none", disable_tqdm="true",
+        per_device_train_batch_size=8, max_steps=2, logging_steps=1, do_eval="false", save_strategy="no").items()]
+    with caplog.at_level(logging.INFO, logger="hftune"):
+        engine, history = run_engine(args)
+    assert "memory format: channels-last" in caplog.text
+    convolution = engine.model.resnet.embedder.embedder.convolution.weight
+    assert convolution.is_contiguous(memory_format=torch.channels_last) and not convolution.is_contiguous()
+    assert len([e for e in history if "loss" in e]) == 2
