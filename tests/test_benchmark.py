@@ -39,11 +39,16 @@ def test_tiny_benchmark_runs_and_prints_the_table(tmp_path):
     assert summary["hftune"]["mfu"] > 0 and summary["baseline-max_length"]["mfu"] is None
 
 
+def tiny_opts(**overrides):
+    """bench.py's parsed flags for --tiny, overrides applied."""
+    return Namespace(**{**dict(tiny=True, max_train_samples=None, max_eval_samples=None, max_steps=None, epochs=1.0,
+                               clm_model="small", batch_size=None), **overrides})
+
+
 @pytest.fixture(scope="module")
 def workloads(tmp_path_factory):
     folder = tmp_path_factory.mktemp("bench")
-    opts = Namespace(tiny=True, max_train_samples=None, max_eval_samples=None, max_steps=None, epochs=1.0,
-                     clm_model="small", batch_size=None)
+    opts = tiny_opts()
     corpus = bench.tweet_corpus(folder, rows=600)
     return folder, [make(opts, folder, corpus) for make in bench.WORKLOADS.values()]
 
@@ -111,8 +116,7 @@ def test_rounds_rotate_the_order_so_each_variant_runs_first_once():
 
 def test_batch_size_flag_reaches_both_sides(workloads, tmp_path):
     folder, _ = workloads
-    opts = Namespace(tiny=True, max_train_samples=None, max_eval_samples=None, max_steps=None, epochs=1.0,
-                     clm_model="small", batch_size=4)
+    opts = tiny_opts(batch_size=4)
     corpus = (folder / "tweets-train.csv", folder / "tweets-validation.csv")
     for workload in (make(opts, folder, corpus) for make in bench.WORKLOADS.values()):
         for variant in workload.variants:

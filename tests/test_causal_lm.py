@@ -205,15 +205,17 @@ def test_perplexity_in_every_evaluation_and_as_best_model_metric(tmp_path, tiny_
     assert results["eval_samples"] == 10  # max_eval_samples counts blocks, as in run_clm.py
 
 
-def test_engines_agree_on_a_causal_lm(tmp_path, tiny_llama, tweet_jsonl):
+@pytest.mark.parametrize("label_smoothing_factor", [0.0, 0.1])
+def test_engines_agree_on_a_causal_lm(label_smoothing_factor, tmp_path, tiny_llama, tweet_jsonl):
     """Blocks with texts kept apart leave each text's first token unlabelled, so blocks hold different
     numbers of labelled tokens: both engines weigh every token of an update alike (micro-batch means
-    would differ by ~1e-3) and log the same losses, perplexity and learning rates."""
+    would differ by ~1e-3), label-smoothed or not, and log the same losses, perplexity and learning rates."""
     results = {}
     for engine in ("trainer", "accelerate"):
         (tmp_path / engine).mkdir()
         recipe, out = write_recipe(tmp_path / engine, tiny_llama, *tweet_jsonl, engine=engine, block_size=32,
                                    gradient_accumulation_steps=2, per_device_train_batch_size=4, max_steps=8,
+                                   label_smoothing_factor=label_smoothing_factor,
                                    eval_strategy="steps", eval_steps=4, max_eval_samples=16)
         main(["--config", recipe])
         history = json.loads(open(f"{out}/trainer_state.json").read())["log_history"]

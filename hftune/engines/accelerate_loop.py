@@ -95,7 +95,7 @@ class AccelerateEngine:
         self.model = bundle.model
         # the class under a peft wrapper (PeftModelForCausalLM is no causal-LM class name)
         self.is_causal = type(unwrap_peft_model(self.model)).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
-        self.weigh_tokens = accepts_loss_kwargs(unwrap_peft_model(self.model))
+        self.weigh_tokens = self.is_causal and accepts_loss_kwargs(unwrap_peft_model(self.model))
         self.label_smoother = LabelSmoother(args.label_smoothing_factor) if args.label_smoothing_factor else None
         self.penalties = penalties_for(self.model, args)
         self.distiller = distiller_for(teacher, args, self.accelerator)
@@ -172,7 +172,7 @@ class AccelerateEngine:
     def _labelled_tokens(self, micro_batches):
         """A causal LM's predicted tokens in one update on all processes, counted as Trainer counts
         them (labels[..., 1:], or shift_labels); None where the micro-batch means count equally."""
-        if not (self.is_causal and self.weigh_tokens and "labels" in micro_batches[0]):
+        if not (self.weigh_tokens and "labels" in micro_batches[0]):
             return None
         count = sum((b["shift_labels"] if "shift_labels" in b else b["labels"][..., 1:]).ne(-100).sum()
                     for b in micro_batches)
