@@ -384,7 +384,7 @@ def run_once(launcher, workload, variant, folder, threads, index):
         "tokens_per_s": samples * variant.tokens_per_sample if variant.tokens_per_sample else None,
         "peak_mb": peak_mb,
         "metric": results.get(workload.metric),
-        "mfu": results.get("train_mfu"),  # hftune's own figure (hftune/throughput.py); the baseline has none
+        "mfu": results.get("train_mfu"),  # hftune's own figure (hftune/results/throughput.py); the baseline has none
         "train_runtime": results["train_runtime"],
         "wall_s": time.time() - start,
     }

@@ -18,15 +18,15 @@ import torch
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
-from hftune.adapters import check_peft_args
-from hftune.distillation import check_distillation
+from hftune.compression.adapters import check_peft_args
+from hftune.compression.distillation import check_distillation
 from hftune.engines import check_training_strategy
 from hftune.errors import HftuneError, closest
-from hftune.gpu_defaults import bf16_by_default
-from hftune.hub import check_hub_args
-from hftune.quantization import check_quantize_args
+from hftune.launch.gpu_defaults import bf16_by_default
+from hftune.results.hub import check_hub_args
+from hftune.compression.quantization import check_quantize_args
 from hftune.ranges import DATA_RANGES, TRAINING_RANGES, check_ranges, check_something_to_do
-from hftune.optim import HF_OPTIMIZERS, HF_SCHEDULES, check_optimizer_name
+from hftune.training.optim import HF_OPTIMIZERS, HF_SCHEDULES, check_optimizer_name
 from hftune.tasks import get_task
 from hftune.tasks.causal_lm import check_padding_free
 
@@ -293,7 +293,7 @@ class HftuneTrainingArguments(TrainingArguments):
         default=None,
         metadata={"help": "dynamic: also write a post-training dynamic int8 copy of the model to output_dir/quantized."},
     )
-    # Not an option: the settings hftune chose for this machine (hftune.gpu_defaults), left out of the
+    # Not an option: the settings hftune chose for this machine (hftune.launch.gpu_defaults), left out of the
     # resolved config so a re-run elsewhere chooses again.
     machine_defaults: tuple = field(default=(), init=False, repr=False)
 

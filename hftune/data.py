@@ -22,7 +22,7 @@ from datasets.exceptions import DatasetGenerationCastError, DatasetGenerationErr
 
 from hftune.assets import get_asset, is_asset
 from hftune.errors import HftuneError, closest
-from hftune.optim import optimizer_spec, schedule_kwargs
+from hftune.training.optim import optimizer_spec, schedule_kwargs
 
 logger = logging.getLogger("hftune")
 

@@ -17,28 +17,28 @@ import transformers
 from transformers import set_seed
 from transformers.integrations import is_deepspeed_zero3_enabled
 
-from hftune.adapters import apply_peft
+from hftune.compression.adapters import apply_peft
 from hftune.assets import is_asset
-from hftune.card import write_report
-from hftune.checkpoints import (
+from hftune.results.card import write_report
+from hftune.training.checkpoints import (
     MANIFEST, check_compatible, holds_only_an_interrupted_start, is_complete, latest_complete, run_record,
 )
 from hftune.config import CONFIG_FILE, parse_config, resolved_config, save_resolved_config
 from hftune.data import check_streaming, is_stream, load_raw_datasets
-from hftune.distillation import load_teacher
+from hftune.compression.distillation import load_teacher
 from hftune.engines import build_engine
 from hftune.errors import HftuneError
-from hftune.gpu_defaults import log_bf16_default
-from hftune.hub import push_results
-from hftune.launch import check_world_size
-from hftune.predict import (
+from hftune.launch.gpu_defaults import log_bf16_default
+from hftune.results.hub import push_results
+from hftune.launch.checks import check_world_size
+from hftune.results.predict import (
     attach_inputs, check_fine_tuned, check_predict_args, check_splits, evaluate, predict, split_dataset, split_prefix,
     wanted_splits,
 )
-from hftune.pruning import sparsity_results
-from hftune.quantization import quantize_and_compare
+from hftune.compression.pruning import sparsity_results
+from hftune.compression.quantization import quantize_and_compare
 from hftune.tasks import get_task
-from hftune.throughput import throughput_results
+from hftune.results.throughput import throughput_results
 
 logger = logging.getLogger("hftune")
 
@@ -211,7 +211,7 @@ def leave_process_group():
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["plan"]:  # `hftune plan --config recipe.yaml [--config_file accelerate_configs/X.yaml]`
-        from hftune.plan import main as plan
+        from hftune.launch.plan import main as plan
 
         return plan(argv[1:])
     if argv[:1] == ["evaluate"]:  # `hftune evaluate --config recipe.yaml --model_name_or_path DIR [--eval_split S]`

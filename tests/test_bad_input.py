@@ -9,7 +9,7 @@ import pytest
 
 from conftest import fail
 
-from hftune.checkpoints import seal
+from hftune.training.checkpoints import seal
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -9,7 +9,7 @@ from PIL import Image
 from transformers import AutoTokenizer
 
 from conftest import read_json, strategy_args, write_tweet_split
-from hftune.card import base_model_facts
+from hftune.results.card import base_model_facts
 from hftune.config import ModelArguments
 from hftune.run import main
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from conftest import fail, read_json, strategy_args
 
-from hftune.checkpoints import MANIFEST, is_complete, latest_complete, rotate, seal
+from hftune.training.checkpoints import MANIFEST, is_complete, latest_complete, rotate, seal
 from hftune.run import main
 
 PROBE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kill_probe.py")

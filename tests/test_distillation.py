@@ -23,7 +23,7 @@ from conftest import (
     aborted_at_exit, cli_flags, fail, read_json, run_engine, step_logs, strategy_args, write_tweet_split,
 )
 from hftune.assets import resolve_model
-from hftune.distillation import distillation_loss
+from hftune.compression.distillation import distillation_loss
 from hftune.errors import HftuneError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,7 +75,7 @@ def test_causal_lm_loss_is_shifted_and_skips_ignored_positions():
 
 
 def test_alpha_weighs_task_loss_against_distillation():
-    from hftune.distillation import Distiller
+    from hftune.compression.distillation import Distiller
 
     torch.manual_seed(0)
     teacher = torch.nn.Linear(4, 3)
@@ -367,7 +367,7 @@ def test_bad_distillation_settings(capsys, extra, expected, tiny_bert, text_data
 def test_distillation_is_refused_where_no_engine_honours_it(engine_settings, expected):
     from types import SimpleNamespace
 
-    from hftune.distillation import check_distillation
+    from hftune.compression.distillation import check_distillation
 
     args = SimpleNamespace(**{"distill_alpha": None, "distill_temperature": None, "do_train": True,
                               "engine": "trainer", "fsdp": "", **engine_settings})

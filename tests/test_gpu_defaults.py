@@ -1,4 +1,4 @@
-"""GPU speed defaults (hftune.gpu_defaults): bf16 only where no precision was chosen, channels-last
+"""GPU speed defaults (hftune.launch.gpu_defaults): bf16 only where no precision was chosen, channels-last
 CNNs. This machine has no GPU: the tests make hftune believe it has one (gpu_supports_bf16 /
 on_gpu) and check what that decides and that the run really trains that way (bf16 autocast runs on
 the CPU too)."""
@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-import hftune.gpu_defaults as gpu_defaults
+import hftune.launch.gpu_defaults as gpu_defaults
 from conftest import run_engine, strategy_args
 from hftune.config import CONFIG_FILE, parse_config
 

@@ -10,7 +10,7 @@ from sklearn.datasets import load_digits
 from conftest import run_engine, step_logs, strategy_args
 from hftune.config import HftuneTrainingArguments
 from hftune.engines.accelerate_loop import AccelerateEngine
-from hftune.optim import OPTIMIZERS, build_optimizer
+from hftune.training.optim import OPTIMIZERS, build_optimizer
 from hftune.tasks import TaskBundle
 
 # A learning rate that suits each optimizer on the tiny BERT.

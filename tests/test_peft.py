@@ -16,7 +16,7 @@ from transformers import (
 )
 
 from conftest import cli_flags, fail, run_engine, strategy_args, write_tweet_split
-from hftune.adapters import default_modules_to_save, default_target_modules
+from hftune.compression.adapters import default_modules_to_save, default_target_modules
 from hftune.assets import resolve_model
 from test_distributed import launch
 

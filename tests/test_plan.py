@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from hftune.plan import HEADROOM, build_plan, main
+from hftune.launch.plan import HEADROOM, build_plan, main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MiB = 2**20

@@ -13,7 +13,7 @@ from transformers import (
 )
 
 from conftest import cli_flags, fail, read_json, run_engine, strategy_args
-from hftune.pruning import Pruner, Window, scheduled_sparsity
+from hftune.compression.pruning import Pruner, Window, scheduled_sparsity
 from test_bad_input import base  # noqa: F401  (fixture)
 
 TARGET = 0.6

@@ -8,7 +8,7 @@ from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, GPT2LMHeadModel
 
 from conftest import fail, read_json, strategy_args
-from hftune.quantization import _conv1d_to_linear, load_quantized, quantize_dynamic_int8
+from hftune.compression.quantization import _conv1d_to_linear, load_quantized, quantize_dynamic_int8
 from hftune.run import main
 
 

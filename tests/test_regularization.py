@@ -6,7 +6,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, TrainerCallback
 
 from conftest import cli_flags, run_engine, step_logs, strategy_args
-from hftune.regularization import Penalties
+from hftune.training.regularization import Penalties
 
 ENGINES = ["trainer", "accelerate"]
 

@@ -1,4 +1,4 @@
-"""group_by_length: Trainer's length-grouped batches, in shuffled order (hftune.sampling)."""
+"""group_by_length: Trainer's length-grouped batches, in shuffled order (hftune.training.sampling)."""
 
 import pytest
 import torch
@@ -6,7 +6,7 @@ from scipy.stats import spearmanr
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from conftest import strategy_args
-from hftune.sampling import ShuffledLengthGroupedSampler
+from hftune.training.sampling import ShuffledLengthGroupedSampler
 
 BATCH = 32
 

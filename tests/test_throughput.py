@@ -1,4 +1,4 @@
-"""Throughput, MFU and peak memory in every run's results (hftune/throughput.py): the fields land in
+"""Throughput, MFU and peak memory in every run's results (hftune/results/throughput.py): the fields land in
 all_results.json for a BERT-, a GPT- and a ResNet-style run, and each counted quantity matches an
 independent count on the same data. No timings are asserted."""
 

@@ -8,10 +8,10 @@ import os
 
 from hftune.data import is_stream, shuffle_stream
 from hftune.errors import HftuneError
-from hftune.launch import check_launch_config, deepspeed_config, fsdp_launch, uses_fsdp, zero_stage
-from hftune.optim import check_strategy, name_of, optimizer_spec, updates_per_epoch
-from hftune.pruning import check_pruning
-from hftune.regularization import apply_batchnorm_policy
+from hftune.launch.checks import check_launch_config, deepspeed_config, fsdp_launch, uses_fsdp, zero_stage
+from hftune.training.optim import check_strategy, name_of, optimizer_spec, updates_per_epoch
+from hftune.compression.pruning import check_pruning
+from hftune.training.regularization import apply_batchnorm_policy
 
 logger = logging.getLogger("hftune")
 
@@ -49,7 +49,7 @@ def _check_closure_optimizer(args, name):
 
 
 # TrainingArguments features only Trainer's loop implements: set under engine: accelerate, they are refused.
-# (push_to_hub works with every engine: hftune pushes at the end, hftune/hub.py; pushes at each save are Trainer's.)
+# (push_to_hub works with every engine: hftune pushes at the end, hftune/results/hub.py; pushes at each save are Trainer's.)
 TRAINER_ONLY = ("load_best_model_at_end", "torch_compile", "eval_on_start", "auto_find_batch_size",
                 "neftune_noise_alpha", "deepspeed", "fsdp", "save_only_model", "include_for_metrics",
                 "include_num_input_tokens_seen", "fp16_full_eval", "bf16_full_eval", "torch_empty_cache_steps")

@@ -36,18 +36,18 @@ from transformers.trainer_utils import (
     EvalPrediction, TrainOutput, seed_worker, speed_metrics, unwrap_peft_model,
 )
 
-from hftune.checkpoints import commit, unseal
-from hftune.distillation import distiller_for
+from hftune.training.checkpoints import commit, unseal
+from hftune.compression.distillation import distiller_for
 from hftune.engines.fsdp import cpu_fsdp_for
-from hftune.guards import guard_for
-from hftune.optim import (
+from hftune.training.guards import guard_for
+from hftune.training.optim import (
     WarmupReduceLROnPlateau, build_optimizer, build_scheduler, describe_strategy, optimizer_spec,
 )
-from hftune.launch import ddp_comm_kwargs
-from hftune.pruning import pruning_callback
-from hftune.regularization import clip_grad_value_, early_stopping_callback, penalties_for
-from hftune.sampling import shuffle_batches
-from hftune.throughput import ThroughputCallback
+from hftune.launch.checks import ddp_comm_kwargs
+from hftune.compression.pruning import pruning_callback
+from hftune.training.regularization import clip_grad_value_, early_stopping_callback, penalties_for
+from hftune.training.sampling import shuffle_batches
+from hftune.results.throughput import ThroughputCallback
 
 logger = logging.getLogger("hftune")
 ENGINE_STATE = "engine_state"  # Accelerator.save_state's folder inside checkpoint-N

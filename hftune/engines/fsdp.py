@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from hftune.errors import HftuneError
-from hftune.launch import fsdp_launch
+from hftune.launch.checks import fsdp_launch
 
 logger = logging.getLogger("hftune")
 FULL_STATE_FILE = "fsdp_state.pt"  # FULL_STATE_DICT: model + optimizer gathered on rank 0

@@ -45,12 +45,12 @@ from transformers.trainer_callback import (
 from transformers.trainer_pt_utils import log_metrics, save_metrics, save_state
 from transformers.trainer_utils import EvalPrediction, TrainOutput, speed_metrics
 
-from hftune.checkpoints import commit, unseal
+from hftune.training.checkpoints import commit, unseal
 from hftune.engines import TRAINER_ONLY, UNSET
 from hftune.errors import HftuneError
-from hftune.guards import CAUSES
-from hftune.launch import deepspeed_config, pipeline_stages
-from hftune.optim import SCHEDULES, build_optimizer, build_scheduler, describe_strategy, name_of
+from hftune.training.guards import CAUSES
+from hftune.launch.checks import deepspeed_config, pipeline_stages
+from hftune.training.optim import SCHEDULES, build_optimizer, build_scheduler, describe_strategy, name_of
 
 logger = logging.getLogger("hftune")
 STATE_DIR = "pipeline_state"  # DeepSpeed's checkpoint tag inside checkpoint-N
@@ -289,7 +289,7 @@ def _leftover_auto(config, prefix=""):
 
 def fill_deepspeed_config(config, args, data_parallel):
     """The values TrainingArguments own (batch sizes, accumulation, clipping, precision) replace
-    "auto"; hftune.launch has already refused explicit ones that disagree, and the optimizer blocks."""
+    "auto"; hftune.launch.checks has already refused explicit ones that disagree, and the optimizer blocks."""
     micro, accumulation = args.per_device_train_batch_size, args.gradient_accumulation_steps
     owned = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accumulation,
              "train_batch_size": micro * accumulation * data_parallel, "gradient_clipping": args.max_grad_norm}
@@ -339,7 +339,7 @@ class PipelineEngine:
         self.bundle, self.args, self.model = bundle, args, bundle.model
         self.family = family_of(self.model)
         layers = self.family.layers(self.model)
-        config = copy.deepcopy(deepspeed_config(args) or {})  # hftune.launch refused a launch without one
+        config = copy.deepcopy(deepspeed_config(args) or {})  # hftune.launch.checks refused a launch without one
         stages = pipeline_stages(args, config)
         check_stages(stages, args.world_size, len(layers))
         set_seed(args.seed)

@@ -11,19 +11,19 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, has_length
 
-from hftune.checkpoints import commit, unseal
-from hftune.distillation import distiller_for
-from hftune.guards import guard_for
-from hftune.hub import describe_error, push_problems
-from hftune.launch import ddp_comm_kwargs
-from hftune.optim import (
+from hftune.training.checkpoints import commit, unseal
+from hftune.compression.distillation import distiller_for
+from hftune.training.guards import guard_for
+from hftune.results.hub import describe_error, push_problems
+from hftune.launch.checks import ddp_comm_kwargs
+from hftune.training.optim import (
     WarmupReduceLROnPlateau, build_optimizer, build_scheduler, decay_parameter_names, describe_strategy,
     optimizer_spec, updates_per_epoch,
 )
-from hftune.pruning import pruning_callback
-from hftune.regularization import clip_grad_value_, early_stopping_callback, penalties_for
-from hftune.sampling import shuffle_batches
-from hftune.throughput import ThroughputCallback
+from hftune.compression.pruning import pruning_callback
+from hftune.training.regularization import clip_grad_value_, early_stopping_callback, penalties_for
+from hftune.training.sampling import shuffle_batches
+from hftune.results.throughput import ThroughputCallback
 
 logger = logging.getLogger("hftune")
 
@@ -72,7 +72,7 @@ class HftuneTrainer(Trainer):
         return shuffle_batches(super()._get_train_sampler(train_dataset))
 
     def train(self, *args, **kwargs):
-        # hftune rotates checkpoints itself, after each one is sealed (hftune.checkpoints): Trainer's
+        # hftune rotates checkpoints itself, after each one is sealed (hftune.training.checkpoints): Trainer's
         # rotation runs before that, and at the end of training deletes the latest checkpoint when
         # save_total_limit is 1 and the best is another. Its own copy of the limit is off meanwhile.
         self.save_limit, self.args.save_total_limit = self.args.save_total_limit, None
@@ -168,7 +168,7 @@ class HftuneTrainer(Trainer):
                 logs.update(self.distiller.pop_means(lambda sums: self.accelerator.reduce(sums, "mean")))
         super().log(logs, *args, **kwargs)
 
-    # ---- Hub: hftune pushes once, at the end of the run, after its model card (hftune/hub.py) ----
+    # ---- Hub: hftune pushes once, at the end of the run, after its model card (hftune/results/hub.py) ----
 
     def init_hf_repo(self, token=None, private=None):
         """Trainer creates the repo when it is built, so a missing token or a refused repo would stop the run

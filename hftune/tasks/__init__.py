@@ -36,7 +36,7 @@ class TaskBundle:
     derived_metrics: Callable = None  # dict of metrics -> extra metrics (e.g. perplexity)
     test_dataset: Any = None
     pipeline_task: str = None  # transformers.pipeline task that loads the saved model
-    adapter: Any = None  # hftune.adapters.AdapterSaver under peft: saves what the adapter needs beside it
+    adapter: Any = None  # hftune.compression.adapters.AdapterSaver under peft: saves what the adapter needs beside it
     predict_inputs: Any = None  # texts of the predict_split (prompts of a causal LM), set for do_predict
     skipped_rows: dict = None  # split -> rows dropped as unusable (empty text, unreadable image)
 
@@ -56,7 +56,7 @@ def load_config(model_args, path, common, **task_settings):
     """The checkpoint's config with the task's settings (labels, ...) and the user's dropout overrides."""
     from transformers import AutoConfig
 
-    from hftune.regularization import apply_dropout_overrides
+    from hftune.training.regularization import apply_dropout_overrides
 
     return apply_dropout_overrides(AutoConfig.from_pretrained(path, **task_settings, **common), model_args)
 

@@ -35,7 +35,7 @@ from transformers import (
 )
 from transformers.integrations import is_deepspeed_zero3_enabled
 
-from hftune.adapters import PEFT_METHODS, quantized_loading
+from hftune.compression.adapters import PEFT_METHODS, quantized_loading
 from hftune.data import apply_batched, drop_empty_texts, is_stream, limit_splits, require_columns
 from hftune.errors import HftuneError
 from hftune.tasks import TaskBundle, load_config, pretrained_source

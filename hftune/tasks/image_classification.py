@@ -23,7 +23,7 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification, De
 
 from hftune.data import class_names, is_stream, label_column_of, label_ids, limit_splits, require_columns
 from hftune.errors import HftuneError
-from hftune.gpu_defaults import channels_last
+from hftune.launch.gpu_defaults import channels_last
 from hftune.metrics import load_metric
 from hftune.tasks import TaskBundle, load_config, pretrained_source
 

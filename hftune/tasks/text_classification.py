@@ -6,7 +6,7 @@ import torch
 from datasets import ClassLabel
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
-from hftune.adapters import quantized_loading
+from hftune.compression.adapters import quantized_loading
 from hftune.data import (
     apply_batched, check_not_empty, class_names, drop_empty_texts, label_column_of, label_ids, limit_splits, require_columns,
 )

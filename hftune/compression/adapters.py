@@ -30,7 +30,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from hftune.errors import HftuneError, closest
-from hftune.launch import uses_fsdp
+from hftune.launch.checks import uses_fsdp
 from hftune.tasks import pretrained_source
 
 logger = logging.getLogger("hftune")

@@ -3,7 +3,7 @@ engines. Names TrainingArguments already knows (`optim: adamw_torch_fused`, `lr_
 inverse_sqrt`, ...) keep working through transformers' own factories.
 
 Example:
-    >>> from hftune.optim import OPTIMIZERS, SCHEDULES
+    >>> from hftune.training.optim import OPTIMIZERS, SCHEDULES
     >>> sorted(OPTIMIZERS)
     ['adagrad', 'adam', 'adamw', 'gd', 'lbfgs', 'rmsprop', 'sgd']
     >>> SCHEDULES["step"].required

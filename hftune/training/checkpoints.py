@@ -13,7 +13,7 @@ import yaml
 
 from hftune.config import CONFIG_FILE as CONFIG
 from hftune.errors import HftuneError
-from hftune.launch import deepspeed_config, uses_fsdp, zero_stage
+from hftune.launch.checks import deepspeed_config, uses_fsdp, zero_stage
 
 logger = logging.getLogger("hftune")
 

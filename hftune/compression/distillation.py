@@ -29,7 +29,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from hftune.assets import resolve_model
 from hftune.errors import HftuneError
-from hftune.launch import uses_fsdp
+from hftune.launch.checks import uses_fsdp
 
 logger = logging.getLogger("hftune")
 DEFAULT_ALPHA, DEFAULT_TEMPERATURE = 0.5, 2.0

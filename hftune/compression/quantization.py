@@ -11,7 +11,7 @@ Only Linear layers are quantized: torch's dynamic quantization has no working co
 convolutions and shrinks little; `quantize_int8_fraction` says how much of the model was quantized.
 
 Example:
-    >>> from hftune.quantization import load_quantized
+    >>> from hftune.compression.quantization import load_quantized
     >>> model = load_quantized("output_dir/quantized")  # doctest: +SKIP
 """
 

@@ -35,8 +35,8 @@ from transformers import TrainerCallback
 from transformers.pytorch_utils import Conv1D
 
 from hftune.errors import HftuneError, closest
-from hftune.launch import deepspeed_config, uses_fsdp
-from hftune.optim import updates_per_epoch
+from hftune.launch.checks import deepspeed_config, uses_fsdp
+from hftune.training.optim import updates_per_epoch
 
 logger = logging.getLogger("hftune")
 

@@ -26,7 +26,7 @@ logger = logging.getLogger("hftune")
 
 # Not pushed: Trainer's own exclusions (private files, checkpoint-* folders).
 IGNORE = ["_*", "checkpoint-*"]
-MERGED_DIR = "merged"  # hftune.adapters.MERGED_DIR, named here to keep this module's imports light
+MERGED_DIR = "merged"  # hftune.compression.adapters.MERGED_DIR, named here to keep this module's imports light
 ADAPTER_FILES = ["adapter_*", "base_config/*"]  # what a merged push leaves out
 
 

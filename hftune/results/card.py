@@ -20,12 +20,12 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from transformers.modelcard import TASK_TAG_TO_NAME_MAPPING, make_markdown_table, parse_log_history
 
-from hftune.adapters import BASE_CONFIG_DIR, MERGED_DIR, describe
+from hftune.compression.adapters import BASE_CONFIG_DIR, MERGED_DIR, describe
 from hftune.assets import get_asset, is_asset
 from hftune.config import CONFIG_FILE
-from hftune.launch import deepspeed_config, pipeline_stages, uses_fsdp, zero_stage
-from hftune.optim import name_of, schedule_kwargs
-from hftune.plots import write_curves
+from hftune.launch.checks import deepspeed_config, pipeline_stages, uses_fsdp, zero_stage
+from hftune.training.optim import name_of, schedule_kwargs
+from hftune.results.plots import write_curves
 
 logger = logging.getLogger("hftune")
 
@@ -343,7 +343,7 @@ def adapter_snippet(bundle, model_args, ref):
 
 def usage_section(bundle, model_args, args):
     ref, task = model_reference(args), bundle.pipeline_task
-    # a merged push (hub.py's hub_push_merged) puts a plain checkpoint in the repo the card describes
+    # a merged push (hftune/results/hub.py's hub_push_merged) puts a plain checkpoint in the repo the card describes
     merged_on_hub = args.push_to_hub and args.hub_push_merged and ref == args.hub_model_id
     if bundle.adapter is None or merged_on_hub:
         return f"## How to use\n\n{pipeline_snippet(task, ref)}"

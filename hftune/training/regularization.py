@@ -16,7 +16,7 @@ from torch import nn
 from transformers import EarlyStoppingCallback
 
 from hftune.errors import HftuneError
-from hftune.optim import decay_parameter_names
+from hftune.training.optim import decay_parameter_names
 
 
 class Penalties:

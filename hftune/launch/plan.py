@@ -38,7 +38,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from hftune.errors import HftuneError
-from hftune.launch import PLANNED_WORLD_SIZE
+from hftune.launch.checks import PLANNED_WORLD_SIZE
 
 GiB = 2**30
 HEADROOM = 0.85  # fits when the estimate uses <= 85% of the device: CUDA context, fragmentation, temporaries
@@ -205,7 +205,7 @@ def pipeline_stages(args, ds_json, world, notes):
 
 @contextmanager
 def launch_environment(config, notes, world):
-    """The variables `accelerate launch` exports that hftune's own launch checks read (hftune.launch,
+    """The variables `accelerate launch` exports that hftune's own launch checks read (hftune.launch.checks,
     hftune.engines), so parse_config judges the recipe against this launch: the DeepSpeed JSON (its
     blocks, ZeRO stage vs engine, batch numbers against the planned world size) and FSDP. Not ACCELERATE_USE_DEEPSPEED or
     WORLD_SIZE: with those, TrainingArguments would set up DeepSpeed or a process group in this process."""
@@ -414,7 +414,7 @@ def optimizer_state_bytes(args):
     """(bytes of optimizer state per trainable parameter, how it was found)."""
     import torch
 
-    from hftune.optim import build_optimizer, name_of, optimizer_spec, parse_optim_args
+    from hftune.training.optim import build_optimizer, name_of, optimizer_spec, parse_optim_args
 
     name, spec = name_of(args.optim), optimizer_spec(args)
     if spec is not None and spec.needs_closure:  # L-BFGS keeps `history_size` pairs of full-size vectors

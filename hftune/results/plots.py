@@ -2,7 +2,7 @@
 engines log the same keys).
 
 Example:
-    >>> from hftune.plots import write_curves
+    >>> from hftune.results.plots import write_curves
     >>> history = [{"step": 1, "loss": 1.1, "learning_rate": 1e-3}, {"step": 2, "loss": 0.9, "learning_rate": 5e-4}]
     >>> write_curves(history, "/tmp/curves")
     ['loss.png', 'learning_rate.png']
