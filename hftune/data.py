@@ -15,6 +15,7 @@ Example:
 import logging
 import os
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from datasets import ClassLabel, Dataset, DatasetDict, IterableDataset, load_dataset
@@ -22,9 +23,43 @@ from datasets.exceptions import DatasetGenerationCastError, DatasetGenerationErr
 
 from hftune.assets import get_asset, is_asset
 from hftune.errors import HftuneError, closest
+from hftune.tasks import TASKS
 from hftune.training.optim import optimizer_spec, schedule_kwargs
 
 logger = logging.getLogger("hftune")
+
+
+@dataclass
+class BaseDataArguments:
+    """Where the data comes from and how much of it; each task adds its own fields (its DataFields)."""
+
+    task: str = field(
+        default="text-classification",
+        metadata={"help": f"Task family: {', '.join(TASKS)}."},
+    )
+    dataset_name: str = field(
+        default=None, metadata={"help": "Hub data set id, or an offline asset such as 'asset:tweet-sentiment'."}
+    )
+    dataset_config_name: str = field(default=None, metadata={"help": "Configuration name of the Hub data set."})
+    train_file: str = field(
+        default=None, metadata={"help": "Local training data: csv, json, jsonl, parquet, txt, or an image folder."}
+    )
+    validation_file: str = field(default=None, metadata={"help": "Local validation data (same formats)."})
+    test_file: str = field(default=None, metadata={"help": "Local test data (same formats)."})
+    label_column: str = field(default="label", metadata={"help": "Column holding the class label."})
+    max_train_samples: int = field(default=None, metadata={"help": "Keep at most this many training examples."})
+    max_eval_samples: int = field(default=None, metadata={"help": "Keep at most this many evaluation examples."})
+    validation_split_percentage: float = field(
+        default=5,
+        metadata={"help": "Percent of train held out for validation when no validation split is given."},
+    )
+    preprocessing_num_workers: int = field(default=None, metadata={"help": "Processes used by datasets.map."})
+    streaming: bool = field(
+        default=False,
+        metadata={"help": "Read the training data as a stream (datasets IterableDataset) instead of loading it; "
+                          "needs max_steps. Each process reads its own rows."},
+    )
+
 
 BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
 

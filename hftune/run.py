@@ -23,7 +23,7 @@ from hftune.results.card import write_report
 from hftune.training.checkpoints import (
     MANIFEST, check_compatible, holds_only_an_interrupted_start, is_complete, latest_complete, run_record,
 )
-from hftune.config import CONFIG_FILE, parse_config, resolved_config, save_resolved_config
+from hftune.config import parse_config, resolved_config, save_resolved_config
 from hftune.data import check_streaming, is_stream, load_raw_datasets
 from hftune.compression.distillation import load_teacher
 from hftune.engines import build_engine
@@ -31,6 +31,7 @@ from hftune.errors import HftuneError
 from hftune.launch.gpu_defaults import log_bf16_default
 from hftune.results.hub import push_results
 from hftune.launch.checks import check_world_size
+from hftune.outputs import CONFIG_FILE, EVALUATE_CONFIG_FILE
 from hftune.results.predict import (
     attach_inputs, check_fine_tuned, check_predict_args, check_splits, evaluate, predict, split_dataset, split_prefix,
     wanted_splits,
@@ -144,7 +145,7 @@ def setup(model_args, data_args, training_args):
     attach_inputs(bundle, raw, data_args, training_args)
     # Without training, output_dir may be the saved model's own folder: keep its training config.
     save_resolved_config(model_args, data_args, training_args,
-                         CONFIG_FILE if training_args.do_train else "hftune_evaluate_config.yaml")
+                         CONFIG_FILE if training_args.do_train else EVALUATE_CONFIG_FILE)
     return build_engine(bundle, training_args, checkpoint, teacher), bundle, checkpoint
 
 

@@ -11,7 +11,7 @@ from conftest import run_engine, step_logs, strategy_args
 from hftune.config import HftuneTrainingArguments
 from hftune.engines.accelerate_loop import AccelerateEngine
 from hftune.training.optim import OPTIMIZERS, build_optimizer
-from hftune.tasks import TaskBundle
+from hftune.tasks.common import TaskBundle
 
 # A learning rate that suits each optimizer on the tiny BERT.
 LEARNING_RATES = {"sgd": 0.5, "gd": 1.0, "adam": 3e-3, "adamw": 3e-3, "adagrad": 0.05, "rmsprop": 1e-3,

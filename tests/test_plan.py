@@ -11,7 +11,8 @@ import sys
 import pytest
 import torch
 
-from hftune.launch.plan import HEADROOM, build_plan, main
+from hftune.launch.memory import HEADROOM
+from hftune.launch.plan import build_plan, main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MiB = 2**20

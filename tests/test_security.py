@@ -10,7 +10,7 @@ import torch
 
 from conftest import run_engine, strategy_args
 from hftune.config import ModelArguments, parse_config
-from hftune.tasks import pretrained_source
+from hftune.tasks.common import pretrained_source
 
 
 @pytest.mark.parametrize("engine", ["trainer", "accelerate"])

@@ -22,7 +22,7 @@ Example:
 import logging
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable
 
 import torch
@@ -30,16 +30,48 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from hftune.errors import HftuneError, closest
-from hftune.launch.checks import uses_fsdp
-from hftune.tasks import pretrained_source
+from hftune.launch.checks import shards_parameters, uses_fsdp
+from hftune.outputs import BASE_CONFIG_DIR, MERGED_DIR
+from hftune.tasks import TASKS, traits
+from hftune.tasks.common import pretrained_source
 
 logger = logging.getLogger("hftune")
 
-BASE_CONFIG_DIR = "base_config"  # not output_dir/config.json: transformers would take the folder for a full model
-MERGED_DIR = "merged"
-CLASSIFICATION = ("text-classification", "image-classification")
-ALL_TASKS = ("text-classification", "causal-lm", "image-classification")
-PEFT_TASK_TYPES = {"text-classification": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}  # peft has none for images
+
+@dataclass
+class ModelFields:
+    """PEFT fields (names as in trl's ModelConfig)."""
+
+    peft: str = field(
+        default=None,
+        metadata={"help": "Parameter-efficient fine-tuning through peft: lora, ia3, prefix_tuning or prompt_tuning "
+                          "(the last two causal-lm only). DoRA/rsLoRA: peft: lora with use_dora/use_rslora."},
+    )
+    lora_r: int = field(default=16, metadata={"help": "peft lora: rank of the update matrices."})
+    lora_alpha: int = field(default=32, metadata={"help": "peft lora: scaling numerator (alpha / r, or / sqrt(r) for rsLoRA)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "peft lora: dropout on the adapter's input."})
+    lora_target_modules: str | list[str] = field(
+        default=None,
+        metadata={"help": "Modules the adapter wraps (names, a list, or 'all-linear'); default per family: "
+                          "attention projections (BERT/GPT-style), convolutions (ResNet-style)."},
+    )
+    lora_modules_to_save: str | list[str] = field(
+        default=None,
+        metadata={"help": "Modules trained and saved in full beside the adapter; default for classification: the head."},
+    )
+    use_dora: bool = field(default=False, metadata={"help": "peft lora: weight-decomposed LoRA (DoRA)."})
+    use_rslora: bool = field(default=False, metadata={"help": "peft lora: rank-stabilised scaling alpha / sqrt(r)."})
+    num_virtual_tokens: int = field(
+        default=20, metadata={"help": "peft prefix_tuning/prompt_tuning: number of virtual tokens."}
+    )
+    load_in_4bit: bool = field(
+        default=False, metadata={"help": "QLoRA: load the base model in 4-bit (bitsandbytes, needs a GPU) under peft: lora."}
+    )
+    merge_adapter: bool = field(
+        default=False, metadata={"help": "After training also write output_dir/merged: base + adapter as a plain checkpoint."}
+    )
+
+
 ADAPTABLE = (nn.Linear, Conv1D, nn.Conv2d)  # the layer types named in error messages
 
 LORA_FIELDS = ("lora_r", "lora_alpha", "lora_dropout", "use_dora", "use_rslora", "load_in_4bit")
@@ -83,15 +115,15 @@ def _prompt_tuning(model_args, targets, to_save, task_type):
 class PeftMethod:
     build: Callable  # (model_args, target modules, modules_to_save, peft task type) -> peft config
     fields: tuple  # the ModelArguments fields it reads; the other PEFT fields set for it are errors
-    tasks: tuple = ALL_TASKS
+    outputs: tuple = ("classes", "tokens")  # the task outputs (TaskTraits.output) it applies to
     wraps_modules: bool = True  # prefix/prompt tuning add virtual tokens instead: no targets, nothing to merge
 
 
 PEFT_METHODS = {
     "lora": PeftMethod(_lora, LORA_FIELDS + MODULE_FIELDS),
     "ia3": PeftMethod(_ia3, MODULE_FIELDS),
-    "prefix_tuning": PeftMethod(_prefix_tuning, PROMPT_FIELDS, tasks=("causal-lm",), wraps_modules=False),
-    "prompt_tuning": PeftMethod(_prompt_tuning, PROMPT_FIELDS, tasks=("causal-lm",), wraps_modules=False),
+    "prefix_tuning": PeftMethod(_prefix_tuning, PROMPT_FIELDS, outputs=("tokens",), wraps_modules=False),
+    "prompt_tuning": PeftMethod(_prompt_tuning, PROMPT_FIELDS, outputs=("tokens",), wraps_modules=False),
 }
 PEFT_FIELDS = LORA_FIELDS + MODULE_FIELDS + PROMPT_FIELDS
 
@@ -116,8 +148,9 @@ def check_peft_args(model_args, data_args, training_args):
         raise HftuneError(f"unknown peft '{method}'.{closest(method, PEFT_METHODS)} "
                           f"Choose one of {list(PEFT_METHODS)}.")
     spec = PEFT_METHODS[method]
-    if data_args.task not in spec.tasks:
-        raise HftuneError(f"peft {method} only applies to task {', '.join(spec.tasks)} (it prepends virtual tokens to "
+    if traits(data_args.task).output not in spec.outputs:
+        tasks = [name for name in TASKS if traits(name).output in spec.outputs]
+        raise HftuneError(f"peft {method} only applies to task {', '.join(tasks)} (it prepends virtual tokens to "
                           f"a causal LM's input); use peft: lora or ia3 for {data_args.task}.")
     for name in changed:
         if name not in spec.fields:
@@ -126,6 +159,9 @@ def check_peft_args(model_args, data_args, training_args):
     _check_combinations(method, training_args)
     if model_args.load_in_4bit:
         check_qlora(data_args, training_args)
+
+
+check_config = check_peft_args  # the feature's parse-time check (hftune.features)
 
 
 def _check_values(model_args):
@@ -156,14 +192,12 @@ def check_qlora(data_args, args):
     """QLoRA needs bitsandbytes on a CUDA GPU: refused here, before any model is loaded."""
     import importlib.util
 
-    from hftune.engines import shards_parameters
-
     if not torch.cuda.is_available():
         raise HftuneError("load_in_4bit (QLoRA) needs a CUDA GPU with bitsandbytes and this machine has no GPU; "
                           "drop load_in_4bit to train LoRA on the full-precision model.")
     if importlib.util.find_spec("bitsandbytes") is None:
         raise HftuneError("load_in_4bit (QLoRA) needs bitsandbytes: pip install bitsandbytes.")
-    if data_args.task not in PEFT_TASK_TYPES:
+    if traits(data_args.task).peft_task_type is None:
         raise HftuneError(f"load_in_4bit quantizes Linear layers; {data_args.task} models are convolutional: drop it.")
     if shards_parameters(args):
         raise HftuneError("load_in_4bit cannot be sharded by ZeRO-3 or FSDP here; launch with ddp.yaml or ZeRO-2.")
@@ -181,7 +215,7 @@ def quantized_loading(model_args, task):
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.bfloat16,
         # a classification head must stay float: it is trained in full (modules_to_save)
-        llm_int8_skip_modules=["classifier", "score", "pooler"] if task in CLASSIFICATION else None,
+        llm_int8_skip_modules=["classifier", "score", "pooler"] if traits(task).output == "classes" else None,
     )
     return {"quantization_config": quantization, "device_map": {"": PartialState().local_process_index}}
 
@@ -217,7 +251,7 @@ def default_modules_to_save(model, task):
     """What base + adapter must carry in full to reproduce the trained model: the head (top-level
     modules outside the backbone) for classification, layers the checkpoint lacked, BatchNorm layers."""
     keep = []
-    if task in CLASSIFICATION:
+    if traits(task).output == "classes":
         backbone = model.base_model
         keep += [n for n, child in model.named_children()
                  if child is not backbone and next(child.parameters(), None) is not None]
@@ -290,7 +324,7 @@ def apply_peft(model, model_args, data_args, training_args):
     if model_args.load_in_4bit:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=training_args.gradient_checkpointing)
     # copies: peft's sequence-classification model appends its own head names to the list it is given
-    config = spec.build(model_args, _copy(targets), _copy(to_save), PEFT_TASK_TYPES.get(task))
+    config = spec.build(model_args, _copy(targets), _copy(to_save), traits(task).peft_task_type)
     try:
         model = get_peft_model(model, config)
     except ValueError as err:  # e.g. a target whose layer type peft cannot adapt

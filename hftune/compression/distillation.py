@@ -21,6 +21,7 @@ Example (recipe keys):
 
 import copy
 import logging
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -30,15 +31,38 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from hftune.assets import resolve_model
 from hftune.errors import HftuneError
 from hftune.launch.checks import uses_fsdp
+from hftune.tasks import traits
 
 logger = logging.getLogger("hftune")
 DEFAULT_ALPHA, DEFAULT_TEMPERATURE = 0.5, 2.0
 # task -> the Auto class that loads its teacher (the student's own class)
-TEACHER_CLASSES = {
-    "text-classification": "AutoModelForSequenceClassification",
-    "causal-lm": "AutoModelForCausalLM",
-    "image-classification": "AutoModelForImageClassification",
-}
+
+
+@dataclass
+class ModelFields:
+    """The teacher to distill from."""
+
+    teacher_model_name_or_path: str = field(
+        default=None,
+        metadata={"help": "Distill from this fine-tuned teacher (same labels / vocabulary as the student); "
+                          "see distill_alpha and distill_temperature."},
+    )
+
+
+@dataclass
+class TrainingFields:
+    """How the teacher's targets weigh in the loss."""
+
+    distill_alpha: float = field(
+        default=None,
+        metadata={"help": "Weight of the task loss: alpha * task + (1 - alpha) * T^2 * KL(teacher || student) "
+                          "(default 0.5 with a teacher)."},
+    )
+    distill_temperature: float = field(
+        default=None, metadata={"help": "Softmax temperature T of the distillation targets (default 2.0 with a teacher)."}
+    )
+
+
 # DeepSpeed keys the Trainer fills from the model's hidden size only when it initialises the student
 HIDDEN_SIZE_KEYS = {"reduce_bucket_size": lambda h: h * h, "stage3_prefetch_bucket_size": lambda h: int(0.9 * h * h),
                     "stage3_param_persistence_threshold": lambda h: 10 * h}
@@ -133,7 +157,13 @@ def check_distillation(model_args, args):
                           "use DDP, or DeepSpeed ZeRO-3 with engine: trainer, which shards the teacher too.")
 
 
+def check_config(model_args, data_args, training_args):
+    """The feature's parse-time check (hftune.features)."""
+    check_distillation(model_args, training_args)
+
+
 # ---- the teacher ----
+
 
 def load_teacher(model_args, task, student, processor):
     """The frozen float32 teacher (None without teacher_model_name_or_path), checked against the student.
@@ -144,7 +174,7 @@ def load_teacher(model_args, task, student, processor):
         return None
     path = resolve_model(name)
     common = dict(cache_dir=model_args.cache_dir, trust_remote_code=model_args.trust_remote_code)
-    auto_class = getattr(transformers, TEACHER_CLASSES[task])
+    auto_class = getattr(transformers, traits(task).auto_model)
     try:
         teacher = auto_class.from_pretrained(path, dtype=torch.float32, **common)
     except OSError as err:  # a missing folder or Hub id
@@ -152,7 +182,7 @@ def load_teacher(model_args, task, student, processor):
     except ValueError as err:  # a checkpoint of another kind (e.g. an image model for a text task)
         raise HftuneError(f"teacher_model_name_or_path '{name}' cannot be loaded as {auto_class.__name__} for "
                           f"task {task}: {str(err).splitlines()[0]}") from None
-    if task == "causal-lm":
+    if traits(task).output == "tokens":
         check_vocabulary(name, teacher, student, teacher_tokenizer(path, common), processor)
     else:
         check_labels(name, teacher, student)

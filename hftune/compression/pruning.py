@@ -26,7 +26,7 @@ import json
 import logging
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -41,6 +41,37 @@ from hftune.training.optim import updates_per_epoch
 logger = logging.getLogger("hftune")
 
 # Fraction of the final sparsity reached at progress p = (t - start) / (end - start), p in [0, 1].
+
+
+@dataclass
+class TrainingFields:
+    """Gradual magnitude pruning."""
+
+    prune_sparsity: float = field(
+        default=None, metadata={"help": "Magnitude-prune the backbone's Linear/Conv weights to this final fraction "
+                                        "of zeros, in [0, 1) (see the README's Pruning)."}
+    )
+    prune_scope: str = field(
+        default=None, metadata={"help": "global (one magnitude threshold over all pruned layers; the default) or layer "
+                                        "(each layer to the target; the default for channels)."}
+    )
+    prune_structure: str = field(
+        default=None,
+        metadata={"help": "unstructured (single weights; the default), channels (conv output channels / linear "
+                          "rows) or heads (attention heads)."},
+    )
+    prune_schedule: str = field(
+        default=None,
+        metadata={"help": "How sparsity grows from prune_start_step to prune_end_step: cubic (gradual magnitude "
+                          "pruning; the default), linear or one_shot."},
+    )
+    prune_start_step: int = field(default=None, metadata={"help": "Optimizer step at which pruning starts (default 0)."})
+    prune_end_step: int = field(
+        default=None, metadata={"help": "Step at which prune_sparsity is reached (default: 3/4 of the training steps)."}
+    )
+    prune_frequency: int = field(default=None, metadata={"help": "Steps between mask updates (default: about 10 updates)."})
+
+
 SCHEDULES = {
     "cubic": lambda p: 1 - (1 - p) ** 3,  # Zhu & Gupta: prunes fast while redundancy is high, slowly near the end
     "linear": lambda p: p,

@@ -21,6 +21,7 @@ import logging
 import os
 import time
 import warnings
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -28,16 +29,26 @@ from transformers import AutoConfig, EvalPrediction
 from transformers.pytorch_utils import Conv1D
 
 from hftune.errors import HftuneError
+from hftune.launch.checks import shards_parameters
 
 logger = logging.getLogger("hftune")
+
+
+@dataclass
+class TrainingFields:
+    """Post-training quantization."""
+
+    quantize: str = field(
+        default=None,
+        metadata={"help": "dynamic: also write a post-training dynamic int8 copy of the model to output_dir/quantized."},
+    )
+
 
 METHODS = ("dynamic",)
 WEIGHTS_NAME = "quantized_model.pt"
 
 
 def check_quantize_args(args):
-    from hftune.engines import shards_parameters
-
     if args.quantize is None:
         return
     if args.quantize not in METHODS:
@@ -45,6 +56,9 @@ def check_quantize_args(args):
     if shards_parameters(args) or args.engine == "pipeline":
         raise HftuneError("quantize needs the whole trained model in one process; ZeRO-3, FSDP and the pipeline "
                           "engine split it (use DDP or ZeRO-1/2, or quantize the saved model with a 1-process run).")
+
+
+check_training = check_quantize_args  # runs while TrainingArguments parses (hftune.features)
 
 
 def _conv1d_to_linear(model):

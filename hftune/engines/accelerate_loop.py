@@ -26,19 +26,13 @@ import torch
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 from transformers import PreTrainedModel, default_data_collator, enable_full_determinism, set_seed
-from transformers.integrations import get_reporting_integration_callbacks
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-from transformers.trainer_callback import (
-    CallbackHandler, DefaultFlowCallback, PrinterCallback, ProgressCallback, TrainerControl, TrainerState,
-)
-from transformers.trainer_pt_utils import LabelSmoother, LengthGroupedSampler, log_metrics, save_metrics, save_state
-from transformers.trainer_utils import (
-    EvalPrediction, TrainOutput, seed_worker, speed_metrics, unwrap_peft_model,
-)
+from transformers.trainer_pt_utils import LabelSmoother, LengthGroupedSampler
+from transformers.trainer_utils import seed_worker, unwrap_peft_model
 
-from hftune.training.checkpoints import commit, unseal
 from hftune.compression.distillation import distiller_for
 from hftune.engines.fsdp import cpu_fsdp_for
+from hftune.engines.loop import LoopEngine
 from hftune.training.guards import guard_for
 from hftune.training.optim import (
     WarmupReduceLROnPlateau, build_optimizer, build_scheduler, describe_strategy, optimizer_spec,
@@ -81,10 +75,8 @@ def make_accelerator(args, is_hf_model=True):
                        kwargs_handlers=[DistributedDataParallelKwargs(**ddp)])
 
 
-class AccelerateEngine:
+class AccelerateEngine(LoopEngine):
     """Trains, evaluates and saves a TaskBundle; offers the Trainer methods run.py uses."""
-
-    log_metrics, save_metrics, save_state = log_metrics, save_metrics, save_state
 
     def __init__(self, bundle, args, teacher=None):
         self.bundle, self.args = bundle, args
@@ -102,16 +94,9 @@ class AccelerateEngine:
         self.guard = guard_for(args, self.accelerator)
         self.needs_closure = getattr(optimizer_spec(args), "needs_closure", False)
         self.optimizer = self.lr_scheduler = None
-        self.state, self.control = self._new_state(), TrainerControl()
-        callbacks = [DefaultFlowCallback, *get_reporting_integration_callbacks(args.report_to),
-                     PrinterCallback if args.disable_tqdm else ProgressCallback, early_stopping_callback(args),
-                     pruning_callback(self.model, args, bundle.train_dataset if args.do_train else None),
-                     ThroughputCallback(self.model, self.accelerator, bundle.data_collator)]
-        self.callback_handler = CallbackHandler([c for c in callbacks if c is not None], self.model,
-                                                bundle.processor, None, None)
-
-    def add_callback(self, callback):
-        self.callback_handler.add_callback(callback)
+        self._start_callbacks(early_stopping_callback(args),
+                              pruning_callback(self.model, args, bundle.train_dataset if args.do_train else None),
+                              ThroughputCallback(self.model, self.accelerator, bundle.data_collator))
 
     def is_world_process_zero(self):
         return self.accelerator.is_main_process
@@ -119,9 +104,8 @@ class AccelerateEngine:
     def is_local_process_zero(self):
         return self.accelerator.is_local_main_process
 
-    def _new_state(self):
-        return TrainerState(is_local_process_zero=self.accelerator.is_local_main_process,
-                            is_world_process_zero=self.accelerator.is_main_process)
+    def _barrier(self):
+        self.accelerator.wait_for_everyone()
 
     # ---- data ----
 
@@ -213,6 +197,11 @@ class AccelerateEngine:
             loss = self._tr_loss / (1 + self.state.global_step - self._last_logged)
         self._tr_loss += loss
 
+    def _pop_loss(self):
+        loss = self.accelerator.reduce(self._tr_loss, "mean").item()
+        self._tr_loss.zero_()
+        return loss
+
     def _closure_step(self, batch):
         """Line-search optimizers (lbfgs) re-evaluate loss and gradient as often as they need."""
         losses = []
@@ -261,12 +250,12 @@ class AccelerateEngine:
 
     # ---- training ----
 
-    def _setup_training(self, train_loader):
-        """Optimizer, schedule and step counts, as Trainer computes them."""
+    def _setup_training(self):
+        """Loader, optimizer, schedule and step counts, as Trainer computes them."""
         args = self.args
-        per_epoch = max(1, math.ceil(len(train_loader) / args.gradient_accumulation_steps))
-        max_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * per_epoch)
-        epochs = math.ceil(max_steps / per_epoch) if args.max_steps > 0 else math.ceil(args.num_train_epochs)
+        self._train_loader = self._dataloader(self.bundle.train_dataset, training=True)
+        per_epoch = max(1, math.ceil(len(self._train_loader) / args.gradient_accumulation_steps))
+        max_steps, epochs = self._plan(per_epoch)
         if args.activation_checkpointing:  # as Trainer: two keys select layers, the rest go to torch
             kwargs = dict(args.activation_checkpointing_kwargs or {})
             self.model.activation_checkpointing_enable(
@@ -284,79 +273,25 @@ class AccelerateEngine:
         # (load_custom_state: torch.load(weights_only=False)); the schedule's state is saved beside instead.
         self.callback_handler.model, self.callback_handler.optimizer = self.model, self.optimizer
         self.callback_handler.lr_scheduler = self.lr_scheduler
-        self.state.max_steps, self.state.num_train_epochs = max_steps, epochs
-        self.state.train_batch_size = args.per_device_train_batch_size
-        self.state.compute_steps(args, max_steps)
+        self._tr_loss = torch.tensor(0.0, device=self.accelerator.device)
         return per_epoch, max_steps, epochs
 
-    def _resume(self, checkpoint, per_epoch):
-        """Model, optimizer, schedule and RNG states from checkpoint-N; returns (epochs done, batches to skip)."""
-        if checkpoint is None:
-            return 0, 0
+    def _load_checkpoint(self, checkpoint):
+        """Model, optimizer, schedule and RNG states from checkpoint-N."""
         self.accelerator.load_state(os.path.join(checkpoint, ENGINE_STATE))
         self.lr_scheduler.load_state_dict(
             torch.load(os.path.join(checkpoint, ENGINE_STATE, SCHEDULER_STATE), map_location="cpu", weights_only=True))
         if self.fsdp:
             self.fsdp.load_state(self.model, self.optimizer, os.path.join(checkpoint, ENGINE_STATE))
-        loaded = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
-        for key in ("global_step", "epoch", "log_history", "best_metric", "best_global_step"):
-            setattr(self.state, key, getattr(loaded, key))
-        logger.info(f"resumed from {checkpoint} at step {self.state.global_step}")
-        done = self.state.global_step
-        skip = 0 if self.args.ignore_data_skip else (done % per_epoch) * self.args.gradient_accumulation_steps
-        return done // per_epoch, skip
 
-    def train(self, resume_from_checkpoint=None):
-        args = self.args
-        train_loader = self._dataloader(self.bundle.train_dataset, training=True)
-        per_epoch, max_steps, epochs = self._setup_training(train_loader)
-        epochs_done, skip = self._resume(resume_from_checkpoint, per_epoch)
-        self._tr_loss, self._total_loss = torch.tensor(0.0, device=self.accelerator.device), 0.0
-        self._last_logged = first_step = self.state.global_step
-        self._grad_norm = self._learning_rate = None
-        start = time.time()
-        self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
-        for epoch in range(epochs_done, epochs):
-            if hasattr(train_loader, "set_epoch"):
-                train_loader.set_epoch(epoch)
-            loader = self.accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
-            self._run_epoch(epoch, iter(loader), len(train_loader), seen=skip)
-            skip = 0
-            if self.control.should_training_stop:
-                break
-        self.control = self.callback_handler.on_train_end(args, self.state, self.control)
-        return self._train_output(start, first_step, max_steps, epochs)
-
-    def _run_epoch(self, epoch, batches, batches_in_epoch, seen):
-        args = self.args
-        self.control = self.callback_handler.on_epoch_begin(args, self.state, self.control)
-        while micro_batches := list(islice(batches, args.gradient_accumulation_steps)):
-            self.control = self.callback_handler.on_step_begin(args, self.state, self.control)
-            self._update(micro_batches)
-            seen += len(micro_batches)
-            self.state.global_step += 1
-            self.state.epoch = epoch + seen / batches_in_epoch
-            self.control = self.callback_handler.on_step_end(args, self.state, self.control)
-            self._maybe_log_save_evaluate()
-            if self.control.should_epoch_stop or self.control.should_training_stop:
-                break
-        self.control = self.callback_handler.on_epoch_end(args, self.state, self.control)
-        self._maybe_log_save_evaluate()
-
-    def _maybe_log_save_evaluate(self):
-        if self.control.should_log and self.state.global_step > self._last_logged:
-            loss = self.accelerator.reduce(self._tr_loss, "mean").item()
-            self._tr_loss.zero_()
-            self.log({"loss": loss / (self.state.global_step - self._last_logged),
-                      "grad_norm": float(self._grad_norm), "learning_rate": self._learning_rate})
-            self._total_loss += loss
-            self._last_logged = self.state.global_step
-        if self.control.should_evaluate:
-            metrics = self.evaluate()
-            self._track_best(metrics)
-        if self.control.should_save:
-            self._save_checkpoint()
-            self.control = self.callback_handler.on_save(self.args, self.state, self.control)
+    def _epoch_updates(self, epoch, steps_done, per_epoch):
+        """This epoch's updates (lists of micro-batches), past the first `steps_done` on resume."""
+        loader, accumulation = self._train_loader, self.args.gradient_accumulation_steps
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        skip = 0 if self.args.ignore_data_skip else steps_done * accumulation
+        batches = iter(self.accelerator.skip_first_batches(loader, skip) if skip else loader)
+        return grouped(batches, accumulation, len(loader), seen=skip)
 
     def _track_best(self, metrics):
         """Trainer's best_metric bookkeeping, which early stopping reads; reduce_on_plateau steps here."""
@@ -370,15 +305,10 @@ class AccelerateEngine:
         if self.state.best_metric is None or better(value, self.state.best_metric):
             self.state.best_metric, self.state.best_global_step = value, self.state.global_step
 
-    def _train_output(self, start, first_step, max_steps, epochs):
-        self._total_loss += self.accelerator.reduce(self._tr_loss, "mean").item()  # steps after the last log line
-        steps = max(self.state.global_step - first_step, 1)
+    def _samples_trained(self, steps, max_steps, epochs):
         batch = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
         samples = len(self.bundle.train_dataset) * epochs if self.args.max_steps <= 0 else max_steps * batch
-        metrics = speed_metrics("train", start, num_samples=samples * steps / max(max_steps, 1), num_steps=steps)
-        metrics["train_loss"] = self._total_loss / steps
-        self.log(dict(metrics))
-        return TrainOutput(self.state.global_step, metrics["train_loss"], metrics)
+        return samples * steps / max(max_steps, 1)
 
     # ---- evaluation, logging, saving ----
 
@@ -396,28 +326,15 @@ class AccelerateEngine:
             if self.bundle.compute_metrics is not None:
                 logits.append(self.accelerator.gather_for_metrics(outputs["logits"]).float().cpu())
                 labels.append(self.accelerator.gather_for_metrics(batch["labels"]).cpu())
-        metrics = {}
-        if self.bundle.compute_metrics is not None:
-            metrics = self.bundle.compute_metrics(
-                EvalPrediction(predictions=torch.cat(logits).numpy(), label_ids=torch.cat(labels).numpy()))
-        metrics = {f"{metric_key_prefix}_{k}": v for k, v in metrics.items()}
+        metrics = self._task_metrics(logits, labels, metric_key_prefix)
         metrics[f"{metric_key_prefix}_loss"] = torch.cat(losses).mean().item()
-        metrics.update(speed_metrics(metric_key_prefix, start, num_samples=len(dataset), num_steps=len(loader)))
-        self.log(metrics)
-        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics=metrics)
-        return metrics
+        return self._report_evaluation(metrics, metric_key_prefix, start, len(dataset), len(loader))
 
-    def log(self, logs):
-        if self.bundle.derived_metrics:
-            logs.update(self.bundle.derived_metrics(logs))
-        if "loss" in logs:
-            logs.update(self.penalties.pop_means())
-            if self.distiller is not None:  # every process logs the training loss at the same steps
-                logs.update(self.distiller.pop_means(lambda sums: self.accelerator.reduce(sums, "mean")))
-        if self.state.epoch is not None:
-            logs["epoch"] = self.state.epoch
-        self.state.log_history.append({**logs, "step": self.state.global_step})
-        self.control = self.callback_handler.on_log(self.args, self.state, self.control, logs)
+    def _loss_terms(self):
+        terms = self.penalties.pop_means()
+        if self.distiller is not None:  # every process logs the training loss at the same steps
+            terms.update(self.distiller.pop_means(lambda sums: self.accelerator.reduce(sums, "mean")))
+        return terms
 
     def save_model(self, output_dir=None):
         """A plain HF checkpoint (safetensors + config + processor) that from_pretrained loads."""
@@ -432,18 +349,18 @@ class AccelerateEngine:
         if self.accelerator.is_main_process and self.bundle.processor is not None:
             self.bundle.processor.save_pretrained(output_dir)
 
-    def _save_checkpoint(self):
-        path = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
-        if self.accelerator.is_main_process:
-            unseal(path)
+    def _save_checkpoint_files(self, path):
         self.save_model(path)
         self.accelerator.save_state(os.path.join(path, ENGINE_STATE))
         if self.accelerator.is_main_process:
             torch.save(self.lr_scheduler.state_dict(), os.path.join(path, ENGINE_STATE, SCHEDULER_STATE))
         if self.fsdp:  # model and optimizer are not the accelerator's to save here
             self.fsdp.save_state(self.model, self.optimizer, os.path.join(path, ENGINE_STATE))
-        if self.accelerator.is_main_process:
-            self.state.save_to_json(os.path.join(path, "trainer_state.json"))
-        commit(path, self.args, self.state.best_model_checkpoint, self.accelerator.wait_for_everyone,
-               self.accelerator.is_main_process)
 
+
+def grouped(batches, accumulation, batches_in_epoch, seen):
+    """`accumulation` micro-batches at a time (the epoch's last update may take fewer), each with the
+    share of the epoch's `batches_in_epoch` done after it, `seen` already done before."""
+    while micro_batches := list(islice(batches, accumulation)):
+        seen += len(micro_batches)
+        yield micro_batches, seen / batches_in_epoch

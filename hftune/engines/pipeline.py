@@ -36,21 +36,14 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, SequentialSampler
 from transformers import default_data_collator, set_seed
-from transformers.integrations import get_reporting_integration_callbacks
 from transformers.loss.loss_utils import ForCausalLMLoss, ForSequenceClassificationLoss
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
-from transformers.trainer_callback import (
-    CallbackHandler, DefaultFlowCallback, PrinterCallback, ProgressCallback, TrainerControl, TrainerState,
-)
-from transformers.trainer_pt_utils import log_metrics, save_metrics, save_state
-from transformers.trainer_utils import EvalPrediction, TrainOutput, speed_metrics
 
-from hftune.training.checkpoints import commit, unseal
-from hftune.engines import TRAINER_ONLY, UNSET
+from hftune.engines.loop import LoopEngine
 from hftune.errors import HftuneError
 from hftune.training.guards import CAUSES
 from hftune.launch.checks import deepspeed_config, pipeline_stages
-from hftune.training.optim import SCHEDULES, build_optimizer, build_scheduler, describe_strategy, name_of
+from hftune.training.optim import build_optimizer, build_scheduler, describe_strategy
 
 logger = logging.getLogger("hftune")
 STATE_DIR = "pipeline_state"  # DeepSpeed's checkpoint tag inside checkpoint-N
@@ -240,34 +233,6 @@ def family_of(model):
 
 # ---- configuration: refusals, stages, the DeepSpeed JSON ----
 
-NOT_IN_PIPELINE = {
-    "label_smoothing_factor": "label smoothing", "l1_lambda": "L1 penalties", "l2_lambda": "L2 penalties",
-    "early_stopping_patience": "early stopping", "max_grad_value": "clipping by value",
-    "activation_checkpointing": "activation checkpointing (set pipeline.activation_checkpoint_interval "
-                                "in the DeepSpeed JSON instead)",
-}
-
-
-def check_pipeline_args(args):
-    """What this engine cannot honour, refused while the config is parsed (check_training_strategy)."""
-    for name in TRAINER_ONLY:
-        if name != "deepspeed" and getattr(args, name, None) not in UNSET:
-            raise HftuneError(f"{name} is implemented by Trainer's loop only; use engine: trainer or drop {name}.")
-    for name, what in NOT_IN_PIPELINE.items():
-        if getattr(args, name, None) not in (*UNSET, 0, 0.0):
-            raise HftuneError(f"engine: pipeline does not support {what}; drop {name} or use engine: trainer.")
-    if args.max_grad_norm_type != 2:
-        raise HftuneError("engine: pipeline clips with DeepSpeed's 2-norm; drop max_grad_norm_type.")
-    if args.train_sampling_strategy not in ("random", "sequential"):
-        raise HftuneError("engine: pipeline supports train_sampling_strategy random or sequential.")
-    schedule = name_of(args.lr_scheduler_type)
-    if (schedule in SCHEDULES and SCHEDULES[schedule].on_metric) or schedule in ("reduce_lr_on_plateau", "greedy"):
-        raise HftuneError(f"lr_scheduler_type {schedule} steps on evaluations, which DeepSpeed's pipeline "
-                          "cannot do; use a per-step schedule (linear, cosine, ...).")
-    if args.save_strategy == "best":
-        raise HftuneError("save_strategy: best needs engine: trainer; use steps or epoch.")
-
-
 def check_stages(stages, world_size, num_layers):
     if stages < 1:
         raise HftuneError(f"pipeline_stages must be >= 1, got {stages}.")
@@ -327,11 +292,9 @@ def init_distributed():
 # ---- the engine ----
 
 
-class PipelineEngine:
+class PipelineEngine(LoopEngine):
     """Trains, evaluates and saves a TaskBundle through a DeepSpeed pipeline; offers the Trainer
     methods run.py uses."""
-
-    log_metrics, save_metrics, save_state = log_metrics, save_metrics, save_state
 
     def __init__(self, bundle, args):
         if isinstance(bundle.train_dataset, datasets.IterableDataset):
@@ -357,16 +320,10 @@ class PipelineEngine:
         self.stages, self.data_parallel = stages, self.grid.get_data_parallel_world_size()
         self.ds_config = fill_deepspeed_config(config, args, self.data_parallel)
         self.engine = self.optimizer = self.lr_scheduler = None
-        self.state, self.control = self._new_state(), TrainerControl()
-        callbacks = [DefaultFlowCallback, *get_reporting_integration_callbacks(args.report_to),
-                     PrinterCallback if args.disable_tqdm else ProgressCallback]
-        self.callback_handler = CallbackHandler(callbacks, self.model, bundle.processor, None, None)
+        self._start_callbacks()
         logger.info(f"pipeline: {stages} stages x {self.data_parallel} data-parallel replicas, layers per stage "
                     f"{np.diff(parts).tolist()}, {args.gradient_accumulation_steps} micro-batches of "
                     f"{args.per_device_train_batch_size} per step")
-
-    def add_callback(self, callback):
-        self.callback_handler.add_callback(callback)
 
     def is_world_process_zero(self):
         return self.args.process_index == 0
@@ -374,9 +331,8 @@ class PipelineEngine:
     def is_local_process_zero(self):
         return self.args.local_process_index == 0
 
-    def _new_state(self):
-        return TrainerState(is_local_process_zero=self.is_local_process_zero(),
-                            is_world_process_zero=self.is_world_process_zero())
+    def _barrier(self):
+        torch_dist.barrier()
 
     def _initialize(self, optimizer=None, lr_scheduler=None):
         import deepspeed
@@ -431,15 +387,12 @@ class PipelineEngine:
             raise HftuneError(f"one pipeline step takes {args.gradient_accumulation_steps} micro-batches of "
                               f"{args.per_device_train_batch_size} per replica, more than the training set holds; "
                               "lower per_device_train_batch_size or gradient_accumulation_steps.")
-        max_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * per_epoch)
-        epochs = math.ceil(max_steps / per_epoch)
+        max_steps, epochs = self._plan(per_epoch)
         optimizer = self._fill_empty_groups(build_optimizer(self.module, args))  # this stage's parameters only
         for line in describe_strategy(self.module, optimizer, args):
             logger.info(line)
         self._initialize(optimizer, build_scheduler(optimizer, args, max_steps, per_epoch))
-        self.state.max_steps, self.state.num_train_epochs = max_steps, epochs
-        self.state.train_batch_size = args.per_device_train_batch_size
-        self.state.compute_steps(args, max_steps)
+        self._tr_loss, self._bad_in_a_row = 0.0, 0
         return per_epoch, max_steps, epochs
 
     def _fill_empty_groups(self, optimizer):
@@ -455,54 +408,33 @@ class PipelineEngine:
                 group["params"].append(placeholder)
         return optimizer
 
-    def _resume(self, checkpoint, per_epoch):
-        """Stage weights, optimizer and schedule from checkpoint-N; returns (epochs done, steps into the epoch)."""
-        if checkpoint is None:
-            return 0, 0
+    def _load_checkpoint(self, checkpoint):
+        """Stage weights, optimizer and schedule from checkpoint-N."""
         path, _ = self.engine.load_checkpoint(checkpoint, tag=STATE_DIR)
         if path is None:
             raise HftuneError(f"{checkpoint} holds no {STATE_DIR}/ written by engine: pipeline; start fresh.")
-        loaded = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
-        for key in ("global_step", "epoch", "log_history", "best_metric", "best_global_step"):
-            setattr(self.state, key, getattr(loaded, key))
-        logger.info(f"resumed from {checkpoint} at step {self.state.global_step}")
-        return divmod(self.state.global_step, per_epoch)
 
-    def train(self, resume_from_checkpoint=None):
-        args = self.args
-        per_epoch, max_steps, epochs = self._setup_training()
-        epochs_done, steps_done = self._resume(resume_from_checkpoint, per_epoch)
-        self._tr_loss, self._total_loss, self._last_logged = 0.0, 0.0, self.state.global_step
-        self._bad_in_a_row = 0
-        first_step, start = self.state.global_step, time.time()
-        self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
-        for epoch in range(epochs_done, epochs):
-            self._run_epoch(epoch, per_epoch, steps_done, max_steps)
-            steps_done = 0
-            if self.control.should_training_stop or self.state.global_step >= max_steps:
-                break
-        self.control = self.callback_handler.on_train_end(args, self.state, self.control)
-        return self._train_output(start, first_step, max_steps, epochs)
+    def _epoch_updates(self, epoch, steps_done, per_epoch):
+        """This epoch's steps after the first `steps_done`, each the micro-batch iterator that
+        train_batch() draws gradient_accumulation_steps from (None on middle stages)."""
+        batches = self._micro_batches(epoch, steps_done * self.args.gradient_accumulation_steps)
+        return self._steps(batches, steps_done, per_epoch)
 
-    def _run_epoch(self, epoch, per_epoch, steps_done, max_steps):
-        args = self.args
-        batches = self._micro_batches(epoch, steps_done * args.gradient_accumulation_steps)
-        self.control = self.callback_handler.on_epoch_begin(args, self.state, self.control)
+    def _steps(self, batches, steps_done, per_epoch):
         for step in range(steps_done, per_epoch):
-            if self.state.global_step >= max_steps:
-                break
-            self.control = self.callback_handler.on_step_begin(args, self.state, self.control)
-            self._learning_rate = self.engine.get_lr()[0]  # the rate this step uses (DeepSpeed steps the schedule)
-            self._tr_loss += self.engine.train_batch(batches).item()  # mean over micro-batches and replicas
-            self.state.global_step += 1
-            self._guard(self.engine.get_global_grad_norm())
-            self.state.epoch = epoch + (step + 1) / per_epoch
-            self.control = self.callback_handler.on_step_end(args, self.state, self.control)
-            self._maybe_log_save_evaluate()
-            if self.control.should_epoch_stop or self.control.should_training_stop:
-                break
-        self.control = self.callback_handler.on_epoch_end(args, self.state, self.control)
-        self._maybe_log_save_evaluate()
+            if self.state.global_step >= self.state.max_steps:
+                return
+            yield batches, (step + 1) / per_epoch
+
+    def _update(self, batches):
+        self._learning_rate = self.engine.get_lr()[0]  # the rate this step uses (DeepSpeed steps the schedule)
+        self._tr_loss += self.engine.train_batch(batches).item()  # mean over micro-batches and replicas
+        self._grad_norm = self.engine.get_global_grad_norm()
+        self._guard(self._grad_norm)
+
+    def _pop_loss(self):
+        loss, self._tr_loss = self._tr_loss, 0.0
+        return loss
 
     def _guard(self, grad_norm):
         """ZeRO skips an update whose gradient holds NaN/inf (the norm then reads inf); as the other
@@ -513,7 +445,7 @@ class PipelineEngine:
             self._bad_in_a_row = 0
             return
         self._bad_in_a_row += 1
-        message = (f"non-finite gradient (NaN or inf) at step {self.state.global_step}; likely causes: "
+        message = (f"non-finite gradient (NaN or inf) at step {self.state.global_step + 1}; likely causes: "
                    f"{'; '.join(CAUSES)}")
         if not args.skip_nonfinite_steps or self._bad_in_a_row >= args.max_nonfinite_steps:
             raise HftuneError(f"{message}. Stopped after {self._bad_in_a_row} such step(s) in a row; "
@@ -521,31 +453,11 @@ class PipelineEngine:
         if self.is_world_process_zero():
             logger.warning(f"{message}; DeepSpeed skipped this update ({self._bad_in_a_row} in a row).")
 
-    def _maybe_log_save_evaluate(self):
-        if self.control.should_log and self.state.global_step > self._last_logged:
-            logs = {"loss": self._tr_loss / (self.state.global_step - self._last_logged)}
-            grad_norm = self.engine.get_global_grad_norm()
-            if grad_norm is not None:
-                logs["grad_norm"] = float(grad_norm)
-            self.log({**logs, "learning_rate": self._learning_rate})
-            self._total_loss += self._tr_loss
-            self._tr_loss, self._last_logged = 0.0, self.state.global_step
-        if self.control.should_evaluate:
-            self.evaluate()
-        if self.control.should_save:
-            self._save_checkpoint()
-            self.control = self.callback_handler.on_save(self.args, self.state, self.control)
+    def _samples_trained(self, steps, max_steps, epochs):
+        args = self.args
+        return steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * self.data_parallel
 
-    def _train_output(self, start, first_step, max_steps, epochs):
-        self._total_loss += self._tr_loss  # steps after the last log line
-        steps = max(self.state.global_step - first_step, 1)
-        batch = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps * self.data_parallel
-        metrics = speed_metrics("train", start, num_samples=steps * batch, num_steps=steps)
-        metrics["train_loss"] = self._total_loss / steps
-        self.log(dict(metrics))
-        return TrainOutput(self.state.global_step, metrics["train_loss"], metrics)
-
-    # ---- evaluation, logging, saving ----
+    # ---- evaluation, saving ----
 
     def evaluate(self, eval_dataset=None, metric_key_prefix="eval"):
         """Loss (and the task's metrics) over the whole set; computed on the last stage, sent to every rank."""
@@ -566,30 +478,17 @@ class PipelineEngine:
                     logits.append(outputs.float().cpu())
                     labels.append(batch[1].cpu())
         metrics = self._eval_metrics(losses, sizes, logits, labels, metric_key_prefix)
-        metrics.update(speed_metrics(metric_key_prefix, start, num_samples=len(dataset), num_steps=len(batches)))
-        self.log(metrics)
-        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics=metrics)
-        return metrics
+        return self._report_evaluation(metrics, metric_key_prefix, start, len(dataset), len(batches))
 
     def _eval_metrics(self, losses, sizes, logits, labels, prefix):
         """Example-weighted mean loss, as Trainer's, from the last stage of replica 0 to all ranks."""
         metrics = {}
         if losses:
-            if logits:
-                predictions = EvalPrediction(predictions=torch.cat(logits).numpy(), label_ids=torch.cat(labels).numpy())
-                metrics = {f"{prefix}_{k}": v for k, v in self.bundle.compute_metrics(predictions).items()}
+            metrics = self._task_metrics(logits, labels, prefix)
             metrics[f"{prefix}_loss"] = float(np.average(losses, weights=sizes))
         shared = [metrics]
         torch_dist.broadcast_object_list(shared, src=self.grid.stage_to_global(stage_id=self.stages - 1, data=0))
         return shared[0]
-
-    def log(self, logs):
-        if self.bundle.derived_metrics:
-            logs.update(self.bundle.derived_metrics(logs))
-        if self.state.epoch is not None:
-            logs["epoch"] = self.state.epoch
-        self.state.log_history.append({**logs, "step": self.state.global_step})
-        self.control = self.callback_handler.on_log(self.args, self.state, self.control, logs)
 
     def _gather_weights(self):
         """On rank 0, the HF model's parameters as the stages hold them now (the first stage's copy
@@ -622,12 +521,6 @@ class PipelineEngine:
         if self.bundle.processor is not None:
             self.bundle.processor.save_pretrained(output_dir)
 
-    def _save_checkpoint(self):
-        path = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
-        if self.is_world_process_zero():
-            unseal(path)
+    def _save_checkpoint_files(self, path):
         self.engine.save_checkpoint(path, tag=STATE_DIR)  # every rank writes its stage and optimizer shard
         self.save_model(path)
-        if self.is_world_process_zero():
-            self.state.save_to_json(os.path.join(path, "trainer_state.json"))
-        commit(path, self.args, self.state.best_model_checkpoint, torch_dist.barrier, self.is_world_process_zero())

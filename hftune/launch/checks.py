@@ -52,6 +52,18 @@ def zero_stage(config):
     return int(stage) if stage is not None else int((config.get("zero_optimization") or {}).get("stage", 0))
 
 
+def uses_deepspeed(args):
+    return deepspeed_config(args) is not None
+
+
+def shards_parameters(args):
+    """FSDP or ZeRO-3: each process holds only a shard of every parameter."""
+    if uses_fsdp(args):
+        return True
+    config = deepspeed_config(args)
+    return config is not None and zero_stage(config) == 3
+
+
 def pipeline_stages(args, config):
     """engine: pipeline's stage count: pipeline_stages, else the JSON's pipeline.stages, else every process."""
     if args.engine != "pipeline":

@@ -20,11 +20,11 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from transformers.modelcard import TASK_TAG_TO_NAME_MAPPING, make_markdown_table, parse_log_history
 
-from hftune.compression.adapters import BASE_CONFIG_DIR, MERGED_DIR, describe
+from hftune.compression.adapters import describe
 from hftune.assets import get_asset, is_asset
-from hftune.config import CONFIG_FILE
 from hftune.launch.checks import deepspeed_config, pipeline_stages, uses_fsdp, zero_stage
 from hftune.training.optim import name_of, schedule_kwargs
+from hftune.outputs import BASE_CONFIG_DIR, CONFIG_FILE, MERGED_DIR
 from hftune.results.plots import write_curves
 
 logger = logging.getLogger("hftune")

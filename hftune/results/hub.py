@@ -18,15 +18,29 @@ Example:
 
 import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from hftune.errors import HftuneError
+from hftune.outputs import MERGED_DIR
 
 logger = logging.getLogger("hftune")
 
 # Not pushed: Trainer's own exclusions (private files, checkpoint-* folders).
+
+
+@dataclass
+class TrainingFields:
+    """Hub fields beyond TrainingArguments' own (push_to_hub, hub_model_id, hub_private_repo, hub_strategy)."""
+
+    hub_push_merged: bool = field(
+        default=False,
+        metadata={"help": "PEFT runs: push the merged model (output_dir/merged, needs merge_adapter: true) instead "
+                          "of the adapter; needs hub_strategy: end."},
+    )
+
+
 IGNORE = ["_*", "checkpoint-*"]
-MERGED_DIR = "merged"  # hftune.compression.adapters.MERGED_DIR, named here to keep this module's imports light
 ADAPTER_FILES = ["adapter_*", "base_config/*"]  # what a merged push leaves out
 
 
@@ -53,6 +67,11 @@ def check_hub_args(model_args, args):
     if os.environ.get("RANK", "0") == "0":
         for problem in push_problems(args):
             logger.warning(f"push_to_hub: {problem}; training goes ahead, but the push at the end will fail.")
+
+
+def check_config(model_args, data_args, training_args):
+    """The feature's parse-time check (hftune.features)."""
+    check_hub_args(model_args, training_args)
 
 
 def _check_merged(model_args, args):

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -24,9 +25,30 @@ from transformers import AutoConfig, Trainer
 
 from hftune.data import is_stream, limit_splits
 from hftune.errors import HftuneError
-from hftune.tasks import pretrained_source
+from hftune.launch.checks import shards_parameters
+from hftune.tasks import tasks_where, traits
+from hftune.tasks.common import pretrained_source
 
 logger = logging.getLogger("hftune")
+
+
+@dataclass
+class TrainingFields:
+    """Which splits the end of a run evaluates and predicts."""
+
+    eval_split: str = field(
+        default="validation",
+        metadata={"help": "Split do_eval evaluates at the end: validation, test or train (evaluation during training "
+                          "uses validation); metrics in <split>_results.json."},
+    )
+    predict_split: str = field(
+        default="test",
+        metadata={"help": "Split do_predict writes predictions_<split>.jsonl for: test, validation or train."},
+    )
+    max_new_tokens: int = field(
+        default=None, metadata={"help": "causal-lm do_predict: tokens generated (greedily) after each text (default 20)."}
+    )
+
 
 SPLITS = ("train", "validation", "test")
 CLASSIFIERS = ("text-classification", "image-classification")
@@ -46,19 +68,19 @@ def wanted_splits(args):
 
 def check_predict_args(data_args, args):
     """Config-only checks of eval_split, predict_split and max_new_tokens."""
-    from hftune.engines import shards_parameters
-
     for key, split in (("eval_split", args.eval_split), ("predict_split", args.predict_split)):
         if split not in SPLITS:
             raise HftuneError(f"{key} '{split}' is not a split hftune reads; choose one of {list(SPLITS)}.")
-    if args.max_new_tokens is not None and not (args.do_predict and data_args.task == "causal-lm"):
-        raise HftuneError("max_new_tokens applies to do_predict with task causal-lm only; drop it.")
+    generates = traits(data_args.task).output == "tokens"
+    if args.max_new_tokens is not None and not (args.do_predict and generates):
+        raise HftuneError(f"max_new_tokens applies to do_predict with task {', '.join(tasks_where(output='tokens'))} "
+                          "only; drop it.")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise HftuneError(f"max_new_tokens must be >= 1, got {args.max_new_tokens}.")
     if args.do_predict and args.engine == "pipeline":
         raise HftuneError("do_predict does not run on engine: pipeline; train, then predict with the saved model "
                           "(hftune evaluate --do_predict true, engine: trainer).")
-    if args.do_predict and data_args.task == "causal-lm" and shards_parameters(args):
+    if args.do_predict and generates and shards_parameters(args):
         raise HftuneError("do_predict generates on the main process, which needs whole parameters (not FSDP or "
                           "ZeRO-3); predict with the saved model in a DDP or single-process run (hftune evaluate --do_predict true).")
 
@@ -86,7 +108,7 @@ def has_labels(dataset):
 
 def attach_inputs(bundle, raw, data_args, args):
     """The predicted split's texts (prompts of a causal LM), rows limited as the task limited them."""
-    if args.do_predict and data_args.task != "image-classification":
+    if args.do_predict and traits(data_args.task).inputs == "text":
         split = args.predict_split
         bundle.predict_inputs = limit_splits({split: raw[split]}, data_args)[split][data_args.text_column]
 

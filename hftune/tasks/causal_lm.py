@@ -22,6 +22,7 @@ Example:
 
 import logging
 import math
+from dataclasses import dataclass, field
 from functools import partial
 from itertools import chain
 
@@ -38,9 +39,45 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from hftune.compression.adapters import PEFT_METHODS, quantized_loading
 from hftune.data import apply_batched, drop_empty_texts, is_stream, limit_splits, require_columns
 from hftune.errors import HftuneError
-from hftune.tasks import TaskBundle, load_config, pretrained_source
+from hftune.tasks.common import TaskBundle, TaskTraits, TextFields, load_config, pretrained_source
 
 logger = logging.getLogger("hftune")
+
+
+@dataclass
+class DataFields(TextFields):
+    """causal-lm's own data fields."""
+
+    block_size: int = field(
+        default=None,
+        metadata={"help": "causal-lm: length of training blocks (default: max_seq_length)."},
+    )
+    concatenate_texts: bool = field(
+        default=True,
+        metadata={
+            "help": "causal-lm: concatenate all texts and cut them into block_size blocks (true), "
+            "or truncate each text on its own (false)."
+        },
+    )
+    padding_free: bool = field(
+        default=None,
+        metadata={
+            "help": "causal-lm with concatenate_texts: false: flatten each batch into one row without padding "
+            "(DataCollatorWithFlattening; position ids keep every text to itself). Default: on wherever the "
+            "model keeps the texts apart exactly, else padded batches; false: always pad."
+        },
+    )
+    isolate_texts: bool = field(
+        default=None,
+        metadata={
+            "help": "causal-lm with concatenate_texts: true: keep each text in a block to itself (position ids "
+            "restart per text, so no token attends to or predicts across a text boundary). Default: on wherever "
+            "the model keeps the texts apart exactly; false: run_clm.py's blocks, where texts see the ones before."
+        },
+    )
+
+
+TRAITS = TaskTraits(auto_model="AutoModelForCausalLM", output="tokens", inputs="text", peft_task_type="CAUSAL_LM")
 
 
 def load_model_and_tokenizer(model_args):
@@ -206,6 +243,9 @@ def check_padding_free(model_args, data_args, args):
             raise HftuneError(f"{key}: true cannot be used with {what}; set {key}: false.")
         if blocked:
             setattr(data_args, key, False)
+
+
+check_config = check_padding_free  # the task's parse-time check (hftune.tasks)
 
 
 def packing_leak(model, collator):

@@ -13,6 +13,7 @@ Example:
 
 import io
 import logging
+from dataclasses import dataclass, field
 
 import numpy as np
 import PIL.Image
@@ -25,9 +26,21 @@ from hftune.data import class_names, is_stream, label_column_of, label_ids, limi
 from hftune.errors import HftuneError
 from hftune.launch.gpu_defaults import channels_last
 from hftune.metrics import load_metric
-from hftune.tasks import TaskBundle, load_config, pretrained_source
+from hftune.tasks.common import TaskBundle, TaskTraits, load_config, pretrained_source
 
 logger = logging.getLogger("hftune")
+
+
+@dataclass
+class DataFields:
+    """image-classification's own data fields."""
+
+    image_column: str = field(
+        default="image", metadata={"help": "Column holding images: PIL images, file paths or bytes."}
+    )
+
+
+TRAITS = TaskTraits(auto_model="AutoModelForImageClassification", output="classes", inputs="image")
 
 
 class ImageTransform:

@@ -1,6 +1,8 @@
 """text-classification: BERT-style encoders (AutoModelForSequenceClassification) on single
 texts or text pairs, with integer or string labels; metrics accuracy and macro-F1."""
 
+from dataclasses import dataclass, field
+
 import numpy as np
 import torch
 from datasets import ClassLabel
@@ -11,7 +13,20 @@ from hftune.data import (
     apply_batched, check_not_empty, class_names, drop_empty_texts, label_column_of, label_ids, limit_splits, require_columns,
 )
 from hftune.metrics import load_metric
-from hftune.tasks import TaskBundle, load_config, pretrained_source
+from hftune.tasks.common import TaskBundle, TaskTraits, TextFields, load_config, pretrained_source
+
+
+@dataclass
+class DataFields(TextFields):
+    """text-classification's own data fields."""
+
+    text_pair_column: str = field(
+        default=None, metadata={"help": "Column holding the second text of a pair (text-classification)."}
+    )
+
+
+TRAITS = TaskTraits(auto_model="AutoModelForSequenceClassification", output="classes", inputs="text",
+                    peft_task_type="SEQ_CLS")
 
 
 def load_model(model_args, names):

@@ -11,9 +11,9 @@ import shutil
 
 import yaml
 
-from hftune.config import CONFIG_FILE as CONFIG
 from hftune.errors import HftuneError
 from hftune.launch.checks import deepspeed_config, uses_fsdp, zero_stage
+from hftune.outputs import CONFIG_FILE as CONFIG
 
 logger = logging.getLogger("hftune")
 

@@ -14,6 +14,7 @@ Example:
 """
 
 import logging
+from dataclasses import dataclass, field
 
 import torch
 from torch.nn.utils import get_total_norm
@@ -21,6 +22,20 @@ from torch.nn.utils import get_total_norm
 from hftune.errors import HftuneError
 
 logger = logging.getLogger("hftune")
+
+
+@dataclass
+class TrainingFields:
+    """The NaN/inf guard."""
+
+    skip_nonfinite_steps: bool = field(
+        default=True, metadata={"help": "Skip the update of a step whose gradient is NaN/inf (false: stop there)."}
+    )
+    max_nonfinite_steps: int = field(
+        default=3, metadata={"help": "Stop after this many non-finite steps in a row (0 turns the guard off)."}
+    )
+
+
 CAUSES = ("a learning rate too high for this model", "fp16 overflow (try bf16)",
           "a bad row in the data (empty or garbled input)")
 

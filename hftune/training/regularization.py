@@ -11,12 +11,60 @@ Example:
 """
 
 import re
+from dataclasses import dataclass, field
 
 from torch import nn
 from transformers import EarlyStoppingCallback
 
 from hftune.errors import HftuneError
 from hftune.training.optim import decay_parameter_names
+
+
+@dataclass
+class ModelFields:
+    """Dropout overrides of the checkpoint's config."""
+
+    hidden_dropout: float = field(
+        default=None,
+        metadata={"help": "Override the checkpoint's hidden/residual dropout (e.g. BERT hidden_dropout_prob)."},
+    )
+    attention_dropout: float = field(
+        default=None, metadata={"help": "Override the checkpoint's attention dropout."}
+    )
+    classifier_dropout: float = field(
+        default=None, metadata={"help": "Override the dropout before the classification head."}
+    )
+
+
+@dataclass
+class TrainingFields:
+    """Clipping, penalties, early stopping and BatchNorm handling beyond TrainingArguments'."""
+
+    max_grad_norm_type: float = field(
+        default=2.0, metadata={"help": "p of the p-norm max_grad_norm bounds ('inf' for the max norm)."}
+    )
+    max_grad_value: float = field(
+        default=None, metadata={"help": "Clip every gradient element into [-max_grad_value, max_grad_value]."}
+    )
+    l1_lambda: float = field(default=0.0, metadata={"help": "L1 penalty l1_lambda * sum|w| added to the loss."})
+    l2_lambda: float = field(
+        default=0.0, metadata={"help": "Coupled L2 penalty l2_lambda * sum w^2 added to the loss (not weight_decay)."}
+    )
+    regularize: str = field(
+        default="weights",
+        metadata={"help": "Parameters the L1/L2 penalties apply to: weights (not biases or norms), all, or a regex."},
+    )
+    early_stopping_patience: int = field(
+        default=None,
+        metadata={"help": "Stop after this many evaluations without metric_for_best_model improving."},
+    )
+    early_stopping_threshold: float = field(
+        default=0.0, metadata={"help": "Smallest change of metric_for_best_model that counts as an improvement."}
+    )
+    freeze_bn_stats: bool = field(
+        default=False, metadata={"help": "Keep BatchNorm running statistics as pretrained (CNN fine-tuning)."}
+    )
+    freeze_bn_affine: bool = field(default=False, metadata={"help": "Freeze BatchNorm scale and shift."})
 
 
 class Penalties:
