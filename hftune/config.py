@@ -23,14 +23,16 @@ import torch
 import yaml
 from transformers import HfArgumentParser
 
+from hftune.aliases import ALIASES, to_canonical
 from hftune.data import BaseDataArguments
 from hftune.errors import HftuneError, closest
 from hftune.features import feature_modules
 from hftune.launch.gpu_defaults import bf16_by_default
 from hftune.outputs import CONFIG_FILE
 from hftune.ranges import DATA_RANGES, check_ranges
-from hftune.tasks import TASKS, get_task
+from hftune.tasks import TASKS, get_task, task_fields
 from hftune.tasks.common import BaseModelArguments
+from hftune.tasks.inference import infer_task
 from hftune.training.arguments import BaseTrainingArguments
 
 DEFAULT_RECIPE = "text_classification"
@@ -47,25 +49,15 @@ def compose(name, base, parts, **attributes):
 
 
 FEATURES = feature_modules()
-TASK_DATA_FIELDS = {name: get_task(name).DataFields for name in TASKS}
 
 ModelArguments = compose("ModelArguments", BaseModelArguments,
                          _unique(getattr(m, "ModelFields", None) for m in FEATURES))
-DataArguments = compose("DataArguments", BaseDataArguments, _unique(TASK_DATA_FIELDS.values()))
+DataArguments = compose("DataArguments", BaseDataArguments, _unique(get_task(name).DataFields for name in TASKS))
 HftuneTrainingArguments = compose(
     "HftuneTrainingArguments", BaseTrainingArguments, _unique(getattr(m, "TrainingFields", None) for m in FEATURES),
     feature_checks=tuple(m.check_training for m in FEATURES if hasattr(m, "check_training")),
 )
 CONFIG_CLASSES = (ModelArguments, DataArguments, HftuneTrainingArguments)
-
-
-def task_fields():
-    """Data field -> the tasks that read it: setting one for another task is an error, not a no-op."""
-    owners = {}
-    for task, data_fields in TASK_DATA_FIELDS.items():
-        for f in fields(data_fields):
-            owners.setdefault(f.name, []).append(task)
-    return owners
 
 
 class _Yaml12Loader(yaml.SafeLoader):
@@ -123,7 +115,7 @@ def load_recipe(path):
         raise HftuneError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(recipe, dict):
         raise HftuneError(f"{path} must be a mapping of field: value, got {type(recipe).__name__}.")
-    known = field_names()
+    known = field_names() | set(ALIASES)
     for key in recipe:
         if key not in known:
             raise HftuneError(f"unknown config key '{key}' in {path}.{closest(key, known)}")
@@ -198,16 +190,35 @@ def choose_data_source(recipe, cli, path):
     return recipe
 
 
+# Flags that say which run this is: a command line naming any of them starts from the defaults, not the demo.
+NAMES_A_RUN = ("model_name_or_path", "model_type", "config_name", "task", "dataset_name", *FILE_SOURCES)
+
+
+def config_base(config, cli):
+    """(recipe path or None, the line saying what the run is built on). A recipe applies when it is
+    named, or for the demo: a command line that names its own model, data or task without --config
+    starts from TrainingArguments' and the example scripts' defaults, like the scripts themselves."""
+    if config is not None:
+        return recipe_path(config), f"recipe {config} + the command line"
+    named = sorted(_flags(cli) & set(NAMES_A_RUN))
+    if named:
+        return None, (f"TrainingArguments' defaults + the command line (it names {', '.join(named)}; "
+                      f"--config {DEFAULT_RECIPE} would build on the demo recipe)")
+    return recipe_path(DEFAULT_RECIPE), f"the demo recipe {DEFAULT_RECIPE} + the command line"
+
+
 def parse_config(argv=None):
     """Parse `--config recipe.yaml` plus CLI overrides into (model, data, training) arguments."""
     argv = list(sys.argv[1:] if argv is None else argv)
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    pre.add_argument("--config", default=DEFAULT_RECIPE)
+    pre.add_argument("--config", default=None)
     known, cli = pre.parse_known_args(argv)
-    path = recipe_path(known.config)
-    recipe = choose_data_source(load_recipe(path), cli, path)
+    cli = to_canonical(cli)
+    path, base = config_base(known.config, cli)
+    recipe = choose_data_source(load_recipe(path), cli, path) if path else {}
     parser = build_parser()
     recipe_argv, defaults = recipe_to_argv(recipe)
+    recipe_argv = to_canonical(recipe_argv)
     if not torch.accelerator.is_available():
         # Without this, a multi-process launch on a GPU-less machine silently runs N unsynchronised jobs.
         parser.set_defaults(use_cpu=True)
@@ -228,6 +239,10 @@ def parse_config(argv=None):
         raise HftuneError(f"unknown argument '{flag}'.{closest(flag.lstrip('-'), field_names())}")
     model_args, data_args, training_args = parsed[:3]  # parsed[3]: the namespace holding --config
     training_args.machine_defaults = ("bf16",) if bf16 else ()
+    training_args.config_base = base
+    if data_args.task is None:
+        data_args.task, why = infer_task(model_args, data_args)
+        training_args.config_base += f"; task {data_args.task}, inferred from {why}"
     check_data_args(data_args)
     for owner in [*FEATURES, get_task(data_args.task)]:
         if hasattr(owner, "check_config"):

@@ -22,6 +22,7 @@ from datasets import ClassLabel, Dataset, DatasetDict, IterableDataset, load_dat
 from datasets.exceptions import DatasetGenerationCastError, DatasetGenerationError
 
 from hftune.assets import get_asset, is_asset
+from hftune.columns import detect_columns
 from hftune.errors import HftuneError, closest
 from hftune.tasks import TASKS
 from hftune.training.optim import optimizer_spec, schedule_kwargs
@@ -34,8 +35,9 @@ class BaseDataArguments:
     """Where the data comes from and how much of it; each task adds its own fields (its DataFields)."""
 
     task: str = field(
-        default="text-classification",
-        metadata={"help": f"Task family: {', '.join(TASKS)}."},
+        default=None,
+        metadata={"help": f"Task family: {', '.join(TASKS)}. Default: inferred from the checkpoint (a language model "
+                          "or an image model) and the data (a .txt corpus, an image folder) where that is unambiguous."},
     )
     dataset_name: str = field(
         default=None, metadata={"help": "Hub data set id, or an offline asset such as 'asset:tweet-sentiment'."}
@@ -46,7 +48,9 @@ class BaseDataArguments:
     )
     validation_file: str = field(default=None, metadata={"help": "Local validation data (same formats)."})
     test_file: str = field(default=None, metadata={"help": "Local test data (same formats)."})
-    label_column: str = field(default="label", metadata={"help": "Column holding the class label."})
+    label_column: str = field(
+        default=None, metadata={"help": "Column holding the class label (default: label or labels, detected)."}
+    )
     max_train_samples: int = field(default=None, metadata={"help": "Keep at most this many training examples."})
     max_eval_samples: int = field(default=None, metadata={"help": "Keep at most this many evaluation examples."})
     validation_split_percentage: float = field(
@@ -227,6 +231,7 @@ def load_raw_datasets(data_args, seed=42, cache_dir=None, keep_test=False):
             raise HftuneError("the data has no train split; set train_file, or a dataset_name that has one.")
         raw = _read_streams(raw, data_args) if data_args.streaming else DatasetDict(raw)
     raw = _carve_validation(raw, data_args.validation_split_percentage, seed)
+    raw = detect_columns(raw, data_args)
     _unlabel_test(raw, data_args.label_column)
     for split, dataset in raw.items():
         if not is_stream(dataset) and len(dataset) == 0:
@@ -239,7 +244,7 @@ def _unlabel_test(raw, label_column):
     one load the same columns): drop it, so the split is predicted without labels."""
     test = raw.get("test")
     if test is not None and not is_stream(test) and label_column in test.column_names:
-        if test.unique(label_column) == [None]:
+        if all(value is None for value in test[label_column]):  # (unique() has no kernel for list labels)
             raw["test"] = test.remove_columns(label_column)
 
 

@@ -29,6 +29,7 @@ from hftune.compression.distillation import load_teacher
 from hftune.engines import build_engine
 from hftune.errors import HftuneError
 from hftune.launch.gpu_defaults import log_bf16_default
+from hftune.launch.threads import use_all_cores
 from hftune.results.hub import push_results
 from hftune.launch.checks import check_world_size
 from hftune.outputs import CONFIG_FILE, EVALUATE_CONFIG_FILE
@@ -98,14 +99,21 @@ def resolve_checkpoint(training_args):
     return resume
 
 
-def check_inputs(model_args, data_args, training_args):
+def check_model_source(model_args):
+    if model_args.model_type:  # trained from scratch: no checkpoint to look at
+        return
     if not model_args.model_name_or_path:
-        raise HftuneError("model_name_or_path is not set; give a Hub id, a local checkpoint folder or an asset:NAME.")
+        raise HftuneError("model_name_or_path is not set; give a Hub id, a local checkpoint folder or an asset:NAME "
+                          "(or model_type + tokenizer_name to train from scratch).")
     name = str(model_args.model_name_or_path)
     if (os.path.isabs(name) or name.startswith((".", "~"))) and not os.path.isdir(os.path.expanduser(name)):
         raise HftuneError(f"model_name_or_path '{name}' is not a folder; give the folder a run saved to, or a Hub id.")
     if is_asset(model_args.model_name_or_path) and model_args.model_revision != "main":
         raise HftuneError("model_revision does not apply to an asset: model; drop it.")
+
+
+def check_inputs(model_args, data_args, training_args):
+    check_model_source(model_args)
     if data_args.test_file and "test" not in wanted_splits(training_args):
         raise HftuneError("test_file is set but do_predict is false (and eval_split is not test), so it would be ignored; "
                           "set do_predict: true.")
@@ -115,6 +123,10 @@ def check_inputs(model_args, data_args, training_args):
 
 def setup(model_args, data_args, training_args):
     setup_logging(training_args)
+    logger.info(f"config: {training_args.config_base}")
+    threads = use_all_cores()
+    if threads:
+        logger.info(threads)
     if "bf16" in training_args.machine_defaults:
         log_bf16_default()
     check_world_size(training_args)
@@ -142,6 +154,10 @@ def setup(model_args, data_args, training_args):
         teacher = load_teacher(model_args, data_args.task, bundle.model, bundle.processor)
     if not training_args.do_train:  # evaluating a saved model: its head must already know the data's classes
         check_fine_tuned(model_args, bundle)
+    problem = getattr(bundle.model.config, "problem_type", None)
+    if training_args.label_smoothing_factor and problem in ("regression", "multi_label_classification"):
+        raise HftuneError(f"label_smoothing_factor smooths one class per row; the labels here make a {problem} "
+                          "problem: drop label_smoothing_factor.")
     attach_inputs(bundle, raw, data_args, training_args)
     # Without training, output_dir may be the saved model's own folder: keep its training config.
     save_resolved_config(model_args, data_args, training_args,

@@ -85,6 +85,7 @@ def test_wrong_type_on_the_command_line(capsys, base):
     assert "--num_train_epochs" in line and "'many'" in line
 
 
+@pytest.mark.slow
 def test_script_entry_point_exits_2_with_one_line(tmp_path):
     """`accelerate launch hftune/run.py` runs the file as a script: same clean error and status."""
     result = subprocess.run(
@@ -97,6 +98,7 @@ def test_script_entry_point_exits_2_with_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("entry", [["-m", "hftune"], ["console"]])
+@pytest.mark.slow
 def test_module_and_console_script_entry_points(entry, tmp_path):
     """`python -m hftune` and the `hftune` console script run the same main."""
     cmd = [os.path.join(os.path.dirname(sys.executable), "hftune")] if entry == ["console"] else [sys.executable, *entry]

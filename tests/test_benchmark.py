@@ -17,6 +17,7 @@ import bench  # noqa: E402
 import baseline_trainer  # noqa: E402
 
 
+@pytest.mark.slow
 def test_tiny_benchmark_runs_and_prints_the_table(tmp_path):
     """Two fresh processes (hftune's default and the docs-style script) on the tiny BERT."""
     out = tmp_path / "results.json"

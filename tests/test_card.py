@@ -113,6 +113,7 @@ def test_evaluation_only_run_keeps_the_card(trained, data):
     assert after == before
 
 
+@pytest.mark.slow
 def test_accelerate_engine_peft_card_and_adapter_snippet(tiny_bert, data, tmp_path):
     out = tmp_path / "acc"
     main(strategy_args(tiny_bert, out, *data, engine="accelerate", peft="lora", max_steps=4, logging_steps=2,

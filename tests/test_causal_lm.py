@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 from datasets import Dataset, DatasetDict
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, default_data_collator
+from transformers import AutoModelForCausalLM, AutoTokenizer, default_data_collator
 
 from hftune.assets import get_asset, resolve_model
 from hftune.config import DataArguments, ModelArguments
@@ -30,24 +30,6 @@ def tweet_texts():
     path = get_asset("asset:tweet-sentiment", "dataset").locate()
     frame = pd.read_csv(path, encoding_errors="replace").dropna(subset=["text"])
     return frame["text"].str.replace(r"\s+", " ", regex=True).sample(n=400, random_state=0).tolist()
-
-
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory):
-    """A 2-layer Llama (SmolLM2's architecture) with the real MiniLM WordPiece tokenizer, whose
-    [SEP] serves as EOS; saved so the real from_pretrained path runs."""
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model("asset:all-MiniLM-L6-v2"))
-    tokenizer.eos_token = "[SEP]"
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +60,7 @@ def build_bundle(model, raw, **data):
 
 
 @pytest.mark.parametrize("concatenate", [True, False], ids=["packed", "per-example"])
+@pytest.mark.slow
 def test_trains_end_to_end(tmp_path, tiny_llama, tweet_jsonl, concatenate):
     sizes = dict(block_size=32) if concatenate else dict(max_seq_length=32)
     recipe, out = write_recipe(tmp_path, tiny_llama, *tweet_jsonl, concatenate_texts=concatenate, **sizes)
@@ -190,6 +173,7 @@ def test_smollm2_asset_converts_once(tmp_path, monkeypatch):
     assert generated.shape[1] == batch["input_ids"].shape[1] + 5 or generated[0, -1] == tokenizer.eos_token_id
 
 
+@pytest.mark.slow
 def test_perplexity_in_every_evaluation_and_as_best_model_metric(tmp_path, tiny_llama, tweet_jsonl):
     recipe, out = write_recipe(
         tmp_path, tiny_llama, *tweet_jsonl, block_size=32, eval_strategy="steps", eval_steps=6,
@@ -206,6 +190,7 @@ def test_perplexity_in_every_evaluation_and_as_best_model_metric(tmp_path, tiny_
 
 
 @pytest.mark.parametrize("label_smoothing_factor", [0.0, 0.1])
+@pytest.mark.slow
 def test_engines_agree_on_a_causal_lm(label_smoothing_factor, tmp_path, tiny_llama, tweet_jsonl):
     """Blocks with texts kept apart leave each text's first token unlabelled, so blocks hold different
     numbers of labelled tokens: both engines weigh every token of an update alike (micro-batch means

@@ -57,6 +57,7 @@ def test_rotation_keeps_the_latest_complete_and_the_best(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-10", "checkpoint-4", "checkpoint-8"]
 
 
+@pytest.mark.slow
 def test_trainer_rotation_keeps_best_and_latest(tiny_bert, tweets_csv, tmp_path):
     train, validation = tweets_csv
     out = tmp_path / "out"
@@ -99,6 +100,7 @@ def uninterrupted(kill_command, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_kill_9_mid_eval_mid_save_mid_step_then_the_same_command_gives_a_bit_identical_model(
         kill_command, uninterrupted, tmp_path):
     """One run killed three times, each rerun of the same command resuming where the last sealed checkpoint is."""
@@ -122,6 +124,7 @@ def test_kill_9_mid_eval_mid_save_mid_step_then_the_same_command_gives_a_bit_ide
         [e["eval_loss"] for e in histories[1] if "eval_loss" in e]
 
 
+@pytest.mark.slow
 def test_resume_refuses_another_model_or_layout_and_allows_another_world_size(
         tiny_bert, tweets_csv, tmp_path, capsys, caplog):
     train, validation = tweets_csv

@@ -4,10 +4,7 @@ the text classifier, the causal LM and the image classifier; the teacher stays f
 DDP launch and a ZeRO-3 launch with a teacher match one process; bad input is one line."""
 
 import json
-import os
 import re
-import subprocess
-import sys
 
 import pandas as pd
 import pytest
@@ -20,13 +17,11 @@ from transformers import (
 )
 
 from conftest import (
-    aborted_at_exit, cli_flags, fail, read_json, run_engine, step_logs, strategy_args, write_tweet_split,
+    cli_flags, fail, launch, read_json, run_engine, step_logs, strategy_args, tiny_model, write_tweet_split,
 )
-from hftune.assets import resolve_model
 from hftune.compression.distillation import distillation_loss
 from hftune.errors import HftuneError
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STUDENT = dict(max_steps=12, per_device_train_batch_size=16, train_sampling_strategy="sequential", seed=7)
 
 
@@ -190,27 +185,6 @@ def test_lora_student_distills_through_its_adapter(tiny_bert, text_data, text_te
 
 # ---- causal LM ----
 
-def save_llama(path, tokenizer, hidden_size=32, seed=0):
-    """A 2-layer Llama over the tokenizer's vocabulary, saved with it."""
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(seed)
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory):
-    """The student: a tiny Llama with the real MiniLM tokenizer ([SEP] as EOS), as tests/test_causal_lm.py has it."""
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model("asset:all-MiniLM-L6-v2"))
-    tokenizer.eos_token = "[SEP]"
-    return save_llama(tmp_path_factory.mktemp("tiny-llama"), tokenizer)
-
-
 @pytest.fixture(scope="module")
 def lm_data(tmp_path_factory, tweets):
     folder = tmp_path_factory.mktemp("lm")
@@ -233,7 +207,7 @@ def lm_runs(tiny_llama, lm_data, tmp_path_factory):
     """The teacher, a wider Llama from another initialization briefly trained (a student trained like it
     from its own init would follow the teacher's path, distilled or not); the student without and with it."""
     root = tmp_path_factory.mktemp("lm-runs")
-    save_llama(root / "wide", AutoTokenizer.from_pretrained(tiny_llama), hidden_size=48, seed=1)
+    tiny_model(root / "wide", "llama", tokenizer=tiny_llama, hidden_size=48, intermediate_size=96, seed=1)
     run_engine(lm_args(root / "wide", root / "teacher", lm_data, max_steps=10, seed=1))
     runs = {"teacher": root / "teacher"}
     for name, extra in (("plain", {}), ("distilled", {"teacher_model_name_or_path": root / "teacher"})):
@@ -241,6 +215,7 @@ def lm_runs(tiny_llama, lm_data, tmp_path_factory):
     return root, runs
 
 
+@pytest.mark.slow
 def test_distilled_causal_lm_is_closer_to_its_teacher(lm_runs, tiny_llama, lm_data):
     root, _ = lm_runs
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
@@ -252,6 +227,7 @@ def test_distilled_causal_lm_is_closer_to_its_teacher(lm_runs, tiny_llama, lm_da
 
 
 @pytest.mark.parametrize("engine", ["trainer", "accelerate"])
+@pytest.mark.slow
 def test_causal_lm_distillation_is_normalized_like_the_lm_loss(engine, lm_runs, tiny_llama, lm_data, tmp_path):
     """Both engines normalize a causal LM's loss by the tokens of the whole accumulated batch: 2 x 4
     blocks with gradient accumulation give Trainer's 8-block run's loss, task and distillation parts."""
@@ -294,27 +270,15 @@ def test_distilled_image_student_is_closer_to_its_teacher(tiny_resnet, digit_fol
 
 # ---- multi-process ----
 
-def launch(config, args, out):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(REPO, ".cache", "torch_extensions"))
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           os.path.join(REPO, "accelerate_configs", config), "--num_processes", "2", "--main_process_port", "0",
-           os.path.join(REPO, "hftune", "run.py"), *args]
-    for _ in range(2):
-        result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
-        if not aborted_at_exit(result):
-            break
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    return read_json(os.path.join(out, "trainer_state.json"))["log_history"], result.stdout + result.stderr
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU (gloo) launches")
 @pytest.mark.parametrize("config", ["ddp.yaml", "deepspeed_zero3.yaml"])
+@pytest.mark.slow
 def test_two_processes_with_a_teacher_match_one(config, tiny_bert, text_data, text_teacher, text_runs, tmp_path):
     """Each process holds a whole teacher under DDP, half of it under ZeRO-3; losses equal one process's."""
     out = tmp_path / "out"
     settings = {**STUDENT, "per_device_train_batch_size": 8, "teacher_model_name_or_path": text_teacher}
-    history, output = launch(config, strategy_args(tiny_bert, out, *text_data[:2], **settings), out)
+    result = launch(config, 2, strategy_args(tiny_bert, out, *text_data[:2], **settings))
+    history, output = read_json(out / "trainer_state.json")["log_history"], result.stdout + result.stderr
     if config == "ddp.yaml":
         assert re.search(r"teacher: a whole frozen copy on cpu(:0)? in every process", output)
     else:

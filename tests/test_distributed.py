@@ -6,41 +6,19 @@ single process reads for the same global batch, and the per-step training loss a
 equal that single-process run. ZeRO-3 must also hold only half of every parameter per process.
 """
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from conftest import aborted_at_exit, read_json
+from conftest import launch, probed, read_json
 
 # These runs exercise the CPU path (gloo); on a GPU machine ddp.yaml would put 2 processes on NCCL.
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU (gloo) launches; GPU runs are separate")
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Every test here launches processes: all of them stay out of the fast tier (-m "not slow").
+pytestmark = [pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU (gloo) launches; GPU runs are separate"),
+              pytest.mark.slow]
 STEPS, GLOBAL_BATCH = 4, 16
-
-
-def launch(config, num_processes, args, tmp_path, name, check=True, env=()):
-    """Run tests/rank_probe.py under accelerate launch; returns (result, probes by rank)."""
-    probe = tmp_path / f"{name}.probe"
-    probe.mkdir(exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HFTUNE_PROBE_DIR": str(probe), **dict(env)}
-    env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(REPO, ".cache", "torch_extensions"))
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           os.path.join(REPO, "accelerate_configs", config), "--num_processes", str(num_processes),
-           "--main_process_port", "0", os.path.join(REPO, "tests", "rank_probe.py"),
-           *args, "--output_dir", str(tmp_path / name)]
-    for attempt in range(2):
-        result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
-        if not aborted_at_exit(result):
-            break
-    if check:
-        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    probes = {int(f.stem[4:]): json.loads(f.read_text()) for f in probe.glob("rank*.json")}
-    return result, probes
 
 
 def step_logs(output_dir, key):
@@ -75,8 +53,8 @@ def run_args(tiny_bert, tmp_path_factory, tweets):
 def single_process(run_args, tmp_path_factory):
     """The reference: one process, the same global batch."""
     tmp_path = tmp_path_factory.mktemp("single")
-    _, probes = launch("single_device.yaml", 1, run_args + ["--per_device_train_batch_size", str(GLOBAL_BATCH)],
-                       tmp_path, "one")
+    probes = launch("single_device.yaml", 1, run_args + ["--per_device_train_batch_size", str(GLOBAL_BATCH)],
+                    **probed(tmp_path, "one")).probes
     return tmp_path / "one", probes[0]
 
 
@@ -102,7 +80,7 @@ def test_strategy_shards_data_and_matches_one_process(name, run_args, single_pro
     config, extra, tolerance, lossy = STRATEGIES[name]
     reference, reference_probe = single_process
     args = run_args + ["--per_device_train_batch_size", str(GLOBAL_BATCH // 2), *extra]
-    _, probes = launch(config, 2, args, tmp_path, name)
+    probes = launch(config, 2, args, **probed(tmp_path, name)).probes
     assert [probes[r]["world_size"] for r in (0, 1)] == [2, 2]
     rows = [set(probes[r]["rows"]) for r in (0, 1)]
     assert not rows[0] & rows[1], "both processes read the same rows"
@@ -129,13 +107,14 @@ def test_strategy_shards_data_and_matches_one_process(name, run_args, single_pro
     assert record["world_size"] == 2 and (record["zero_stage"] is not None) == deepspeed
     if name == "ddp":  # kill -9 both processes mid-step 3, then rerun the same command: it resumes from checkpoint-2
         command = args + ["--resume_from_checkpoint", "auto"]
-        killed, _ = launch(config, 2, command, tmp_path, "resumed", check=False, env={"HFTUNE_KILL_AT": "step:3"})
+        killed = launch(config, 2, command, **probed(tmp_path, "resumed"), check=False,
+                        env={"HFTUNE_KILL_AT": "step:3"})
         assert killed.returncode != 0 and not (tmp_path / "resumed" / "checkpoint-4").exists()
-        resumed, _ = launch(config, 2, command, tmp_path, "resumed")
+        resumed = launch(config, 2, command, **probed(tmp_path, "resumed"))
         assert f"resuming from {tmp_path / 'resumed' / 'checkpoint-2'}" in resumed.stdout + resumed.stderr
     elif name in RESUMED:
-        launch(config, 2, args + ["--resume_from_checkpoint", str(tmp_path / name / "checkpoint-2")], tmp_path,
-               "resumed")
+        launch(config, 2, args + ["--resume_from_checkpoint", str(tmp_path / name / "checkpoint-2")],
+               **probed(tmp_path, "resumed"))
     if name in RESUMED:
         # trainer_state.json carries the checkpoint's history on: steps 3-4 are the resumed run's own.
         assert step_logs(tmp_path / "resumed", "loss") == pytest.approx(losses, abs=1e-6)
@@ -144,8 +123,9 @@ def test_strategy_shards_data_and_matches_one_process(name, run_args, single_pro
 
 def test_processes_that_do_not_form_one_job_are_refused(run_args, tmp_path):
     """Negative control: without gloo (use_cpu false here) each process would train alone; hftune stops it."""
-    result, probes = launch("ddp.yaml", 2, run_args + ["--per_device_train_batch_size", "8", "--use_cpu", "false"],
-                            tmp_path, "alone", check=False)
+    result = launch("ddp.yaml", 2, run_args + ["--per_device_train_batch_size", "8", "--use_cpu", "false"],
+                    **probed(tmp_path, "alone"), check=False)
+    probes = result.probes
     assert result.returncode != 0
     assert "2 processes were launched but this run sees world size 1" in result.stderr + result.stdout
     assert len(probes) == 2 and all(not probe["rows"] for probe in probes.values())  # refused before any data
@@ -156,7 +136,7 @@ def test_the_sharding_assertions_catch_independent_jobs(run_args, tmp_path):
     """Negative control for the assertions above: with hftune's check skipped, the same broken launch
     trains two independent jobs. torch.distributed still reports 2 processes (so hftune checks the
     world size TrainingArguments trains with), but each reads every row: the distinct-rows check fails."""
-    _, probes = launch("ddp.yaml", 2, run_args + ["--per_device_train_batch_size", "8", "--use_cpu", "false"],
-                       tmp_path, "alone", env={"HFTUNE_PROBE_UNCHECKED": "1"})
+    probes = launch("ddp.yaml", 2, run_args + ["--per_device_train_batch_size", "8", "--use_cpu", "false"],
+                    **probed(tmp_path, "alone"), env={"HFTUNE_PROBE_UNCHECKED": "1"}).probes
     assert set(probes[0]["rows"]) == set(probes[1]["rows"])
     assert len(probes[0]["rows"]) > GLOBAL_BATCH * STEPS // 2

@@ -29,7 +29,8 @@ STRATEGY_LINES = [  # what the heavy strategy logs at start, in both engines
 ]
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy", [s if s == "defaults" else pytest.param(s, marks=pytest.mark.slow)
+                                      for s in STRATEGIES])
 def test_engines_log_the_same_losses_and_learning_rates(strategy, tiny_bert, tweets_csv, tmp_path, caplog):
     histories = {}
     for engine in ("trainer", "accelerate"):
@@ -52,7 +53,7 @@ def test_engines_log_the_same_losses_and_learning_rates(strategy, tiny_bert, twe
             assert step_logs(histories["trainer"], key) == pytest.approx(step_logs(histories["accelerate"], key), rel=1e-4)
 
 
-@pytest.mark.parametrize("engine", ["trainer", "accelerate"])
+@pytest.mark.parametrize("engine", [pytest.param("trainer", marks=pytest.mark.slow), "accelerate"])
 def test_resume_from_a_checkpoint_gives_the_uninterrupted_weights(engine, tiny_bert, tweets_csv, tmp_path):
     settings = dict(engine=engine, max_steps=6, save_strategy="steps", save_steps=3, optim="sgd",
                     optim_args="momentum=0.9", learning_rate=0.05, lr_scheduler_type="cosine")
@@ -67,12 +68,14 @@ def test_resume_from_a_checkpoint_gives_the_uninterrupted_weights(engine, tiny_b
 
 
 @pytest.mark.parametrize("engine", ["trainer", "accelerate"])
+@pytest.mark.slow
 def test_save_total_limit_keeps_the_latest_checkpoints(engine, tiny_bert, tweets_csv, tmp_path):
     run_engine(strategy_args(tiny_bert, tmp_path / "out", *tweets_csv, engine=engine, max_steps=6,
                              save_strategy="steps", save_steps=2, save_total_limit=2))
     assert sorted(p.name for p in (tmp_path / "out").glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
 
 
+@pytest.mark.slow
 def test_train_loss_counts_the_steps_after_the_last_log_line(tiny_bert, tweets_csv, tmp_path):
     train_loss = {}
     for engine in ("trainer", "accelerate"):
@@ -82,6 +85,7 @@ def test_train_loss_counts_the_steps_after_the_last_log_line(tiny_bert, tweets_c
     assert train_loss["trainer"] == pytest.approx(train_loss["accelerate"], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_evaluate_and_predict_without_training_agree(tiny_bert, tweets_csv, tmp_path):
     train, validation = tweets_csv
     run_engine(strategy_args(tiny_bert, tmp_path / "trained", *tweets_csv, max_steps=4))

@@ -7,35 +7,19 @@ resume exactly, and what the CPU path cannot honour is refused before anything l
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from conftest import logged_losses, read_json
-from hftune.assets import resolve_model
+from conftest import REPO, RANK_PROBE, launch, logged_losses, read_json, tiny_model
 from hftune.errors import HftuneError
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWITCH_LINE = "FSDP launch without GPUs: using engine: accelerate"
 pytestmark = pytest.mark.skipif(torch.accelerator.is_available(),
                                 reason="the GPU-less path (with GPUs, accelerate applies FSDP itself)")
-
-
-def launch(config, num_processes, args, tmp_path, script="hftune/run.py", launch_flags=(), probe_dir=None):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if probe_dir is not None:
-        env["HFTUNE_PROBE_DIR"] = str(probe_dir)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           os.path.join(REPO, "accelerate_configs", config), "--num_processes", str(num_processes),
-           "--main_process_port", "0", *launch_flags, os.path.join(REPO, script), *map(str, args)]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
 
 
 def bert_args(tiny_bert, tweets_csv, **overrides):
@@ -47,6 +31,7 @@ def bert_args(tiny_bert, tweets_csv, **overrides):
     return [f"--{key}={value}" for key, value in settings.items()]
 
 
+@pytest.mark.slow
 def test_fsdp_launch_shards_and_matches_one_process(tiny_bert, tweets_csv, tmp_path):
     # Accumulation exercises FSDP's local accumulation (no reduce-scatter until the last micro-batch),
     # max_grad_value the clamp of sharded gradients, max_grad_norm (1.0) the norm over all shards.
@@ -54,9 +39,9 @@ def test_fsdp_launch_shards_and_matches_one_process(tiny_bert, tweets_csv, tmp_p
     (tmp_path / "probe").mkdir()
     two = launch("fsdp.yaml", 2, bert_args(tiny_bert, tweets_csv, output_dir=tmp_path / "two",
                                            per_device_train_batch_size=4, **common),
-                 tmp_path, script="tests/rank_probe.py", probe_dir=tmp_path / "probe")
+                 cwd=tmp_path, script=RANK_PROBE, probe_dir=tmp_path / "probe")
     launch("single_device.yaml", 1, bert_args(tiny_bert, tweets_csv, output_dir=tmp_path / "one",
-                                              per_device_train_batch_size=8, **common), tmp_path)
+                                              per_device_train_batch_size=8, **common), cwd=tmp_path)
     assert SWITCH_LINE in two.stderr + two.stdout
     assert yaml.safe_load((tmp_path / "two/hftune_config.yaml").read_text())["engine"] == "accelerate"
     ranks = [read_json(tmp_path / f"probe/rank{r}.json") for r in (0, 1)]
@@ -78,13 +63,14 @@ def test_fsdp_launch_shards_and_matches_one_process(tiny_bert, tweets_csv, tmp_p
 
 
 @pytest.mark.parametrize("state_dict_type", ["FULL_STATE_DICT", "SHARDED_STATE_DICT"])
+@pytest.mark.slow
 def test_fsdp_resume_from_a_checkpoint_gives_the_uninterrupted_weights(state_dict_type, tiny_bert, tweets_csv,
                                                                       tmp_path):
     """Momentum makes the optimizer state matter: a resume without it would take other steps."""
     flags = ["--fsdp_state_dict_type", state_dict_type]
     settings = dict(max_steps=6, save_strategy="steps", save_steps=3, optim="sgd", optim_args="momentum=0.9",
                     learning_rate=0.05, lr_scheduler_type="cosine", per_device_train_batch_size=8)
-    launch("fsdp.yaml", 2, bert_args(tiny_bert, tweets_csv, output_dir=tmp_path / "full", **settings), tmp_path,
+    launch("fsdp.yaml", 2, bert_args(tiny_bert, tweets_csv, output_dir=tmp_path / "full", **settings), cwd=tmp_path,
            launch_flags=flags)
     state = tmp_path / "full/checkpoint-3/engine_state"
     if state_dict_type == "FULL_STATE_DICT":
@@ -94,7 +80,7 @@ def test_fsdp_resume_from_a_checkpoint_gives_the_uninterrupted_weights(state_dic
     # A run that died after its step-3 checkpoint: only that checkpoint is left in its output_dir.
     shutil.copytree(tmp_path / "full/checkpoint-3", tmp_path / "resumed/checkpoint-3")
     launch("fsdp.yaml", 2, bert_args(tiny_bert, tweets_csv, output_dir=tmp_path / "resumed",
-                                     resume_from_checkpoint="true", **settings), tmp_path, launch_flags=flags)
+                                     resume_from_checkpoint="true", **settings), cwd=tmp_path, launch_flags=flags)
     history = read_json(tmp_path / "resumed/trainer_state.json")["log_history"]
     assert [entry["step"] for entry in history if "loss" in entry] == list(range(1, 7))
     assert logged_losses(tmp_path / "resumed") == logged_losses(tmp_path / "full")
@@ -105,18 +91,8 @@ def test_fsdp_resume_from_a_checkpoint_gives_the_uninterrupted_weights(state_dic
 @pytest.fixture(scope="module")
 def tied_llama(tmp_path_factory, tweets):
     """A 2-layer Llama whose output head shares the embedding matrix (as SmolLM2's does), plus text files."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     path = tmp_path_factory.mktemp("tied-llama")
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model("asset:all-MiniLM-L6-v2"))
-    tokenizer.eos_token = "[SEP]"
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=True, bos_token_id=tokenizer.cls_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    tiny_model(path, "llama", tie_word_embeddings=True)
     texts = tweets["text"].sample(n=400, random_state=0).tolist()
     for split, rows in (("train", texts[:340]), ("validation", texts[340:])):
         with open(path / f"{split}.jsonl", "w") as handle:
@@ -124,6 +100,7 @@ def tied_llama(tmp_path_factory, tweets):
     return path
 
 
+@pytest.mark.slow
 def test_fsdp_causal_lm_with_tied_embeddings_matches_one_process(tied_llama, tmp_path):
     """Blocks with texts kept apart hold different numbers of labelled tokens (each text's first is
     unlabelled): the two processes weigh every token alike, as one process does."""
@@ -134,8 +111,8 @@ def test_fsdp_causal_lm_with_tied_embeddings_matches_one_process(tied_llama, tmp
                 "--warmup_steps", "0", "--disable_tqdm", "true", "--seed", "0", "--train_sampling_strategy",
                 "sequential", "--do_eval", "false", "--output_dir", out, "--per_device_train_batch_size", batch]
 
-    launch("fsdp.yaml", 2, args(tmp_path / "two", 4), tmp_path)
-    launch("single_device.yaml", 1, args(tmp_path / "one", 8), tmp_path)
+    launch("fsdp.yaml", 2, args(tmp_path / "two", 4), cwd=tmp_path)
+    launch("single_device.yaml", 1, args(tmp_path / "one", 8), cwd=tmp_path)
     assert logged_losses(tmp_path / "two") == pytest.approx(logged_losses(tmp_path / "one"), abs=1e-4)
     # One shared matrix in the checkpoint, as a single process writes it (gathering must not untie it).
     assert load_file(tmp_path / "two/model.safetensors").keys() == load_file(tmp_path / "one/model.safetensors").keys()
@@ -165,13 +142,14 @@ run_engine(sys.argv[1:], callbacks=[NaNOnRank0()])
 """
 
 
+@pytest.mark.slow
 def test_fsdp_skips_a_step_whose_gradient_is_nan_on_one_process(tiny_bert, tweets_csv, tmp_path):
     """The guard reads the norm over all shards, so both processes skip the update together; a process
     that went ahead would write the NaN reduced into its shard."""
     script = tmp_path / "nan_on_rank0.py"
     script.write_text(NAN_ON_RANK0.format(repo=REPO, tests=os.path.join(REPO, "tests")))
     result = launch("fsdp.yaml", 2, bert_args(tiny_bert, tweets_csv, output_dir=tmp_path / "out", max_steps=5,
-                                              per_device_train_batch_size=8), tmp_path, script=str(script))
+                                              per_device_train_batch_size=8), cwd=tmp_path, script=str(script))
     assert "non-finite gradient (NaN or inf) at step 3" in result.stdout + result.stderr
     assert len(logged_losses(tmp_path / "out")) == 5  # it trained on after the skipped step
     assert all(torch.isfinite(w).all() for w in load_file(tmp_path / "out/model.safetensors").values())

@@ -61,6 +61,7 @@ def test_an_explicit_deepspeed_precision_counts(fp16, chosen, bf16_gpu, tmp_path
     assert gpu_defaults.precision_chosen({}) is chosen
 
 
+@pytest.mark.slow
 def test_bf16_by_default_trains_in_bf16_and_is_logged(bf16_gpu, tiny_bert, tweets_csv, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="hftune")
     engine, history = run_engine(strategy_args(tiny_bert, tmp_path / "out", *tweets_csv, max_steps=2))

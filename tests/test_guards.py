@@ -11,8 +11,6 @@ from transformers import TrainerCallback
 from conftest import run_engine, strategy_args
 from hftune.errors import HftuneError
 
-ENGINES = ["trainer", "accelerate"]
-
 
 class InjectNaN(TrainerCallback):
     """The classifier outputs NaN during the given (1-based) optimizer steps; records its weight after each step."""
@@ -32,7 +30,7 @@ class InjectNaN(TrainerCallback):
         self.weights[state.global_step] = getattr(model, "module", model).classifier.weight.detach().clone()
 
 
-@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("engine", [pytest.param("trainer", marks=pytest.mark.slow), "accelerate"])
 def test_a_nan_step_is_skipped_and_training_goes_on(engine, tiny_bert, tweets_csv, tmp_path, caplog):
     injector = InjectNaN([3])
     with caplog.at_level(logging.WARNING, logger="hftune"):
@@ -44,7 +42,8 @@ def test_a_nan_step_is_skipped_and_training_goes_on(engine, tiny_bert, tweets_cs
     assert all(torch.isfinite(w).all() for w in load_file(tmp_path / "out/model.safetensors").values())
 
 
-@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("engine", ["trainer", "accelerate"])
+@pytest.mark.slow
 def test_too_many_nan_steps_in_a_row_stop_the_run(engine, tiny_bert, tweets_csv, tmp_path):
     with pytest.raises(HftuneError, match="at step 5.*Stopped after 3 such step"):
         run_engine(strategy_args(tiny_bert, tmp_path / "out", *tweets_csv, engine=engine, max_steps=10,

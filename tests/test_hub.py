@@ -127,10 +127,12 @@ def assert_same_logits(pair):
 
 
 @pytest.mark.parametrize("name", ["full", "merged", "adapter"])
+@pytest.mark.slow
 def test_the_pushed_model_predicts_as_the_local_one(downloaded, name):
     assert_same_logits(downloaded[name])
 
 
+@pytest.mark.slow
 def test_the_model_card_comes_back_as_written(hub, runs):
     for name, repo in (("full", "user/tiny-tweets"), ("adapter", "user/tiny-lora"), ("merged", "user/tiny-merged")):
         local = (runs[name][1] / "README.md").read_bytes()
@@ -138,6 +140,7 @@ def test_the_model_card_comes_back_as_written(hub, runs):
         assert hub.files(repo)["README.md"] == local
 
 
+@pytest.mark.slow
 def test_private_repo_and_pushes_during_training(hub, runs):
     assert {"name": "tiny-tweets", "organization": "user", "visibility": "private"} in hub.create_calls
     assert hub.repos["user/tiny-tweets"].private
@@ -154,6 +157,7 @@ def test_private_repo_and_pushes_during_training(hub, runs):
     assert not any(path.startswith("checkpoint-") for path in files)
 
 
+@pytest.mark.slow
 def test_peft_pushes_the_adapter_only_or_the_merged_model(hub, runs):
     adapter = hub.files("user/tiny-lora")
     assert {"adapter_config.json", "adapter_model.safetensors", "base_config/config.json"} <= set(adapter)
@@ -168,6 +172,7 @@ def test_peft_pushes_the_adapter_only_or_the_merged_model(hub, runs):
     assert not any(p.startswith(("adapter_", "merged/", "base_config/")) for p in merged)
 
 
+@pytest.mark.slow
 def test_the_token_is_written_nowhere(runs):
     for name, (result, out) in runs.items():
         assert TOKEN not in result["stdout"] + result["stderr"], name
@@ -187,6 +192,7 @@ def assert_fails_after_training(stdout, stderr, out, words):
     assert "hftune: done." in stdout  # training finished before the push was tried
 
 
+@pytest.mark.slow
 def test_a_refused_push_fails_after_training_and_keeps_the_model(runs):
     result, out = runs["refused"]
     assert result["returncode"] == 2
@@ -196,7 +202,8 @@ def test_a_refused_push_fails_after_training_and_keeps_the_model(runs):
 
 @pytest.mark.parametrize("repo_id, words", [
     ("user/tiny-nope", "no Hugging Face token found"),
-    ("user/not a repo id!", "hub_model_id 'user/not a repo id!' is not a valid repo id"),
+    pytest.param("user/not a repo id!", "hub_model_id 'user/not a repo id!' is not a valid repo id",
+                 marks=pytest.mark.slow),
 ])
 def test_a_push_without_token_or_repo_id_fails_after_training(capsys, caplog, monkeypatch, tiny_bert, tweets,
                                                               tmp_path, repo_id, words):

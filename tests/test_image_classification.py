@@ -59,7 +59,7 @@ def test_image_folder_train_save_and_reload(tiny_resnet, digit_folders, tmp_path
     assert logits.shape == (1, 3)
 
 
-@pytest.mark.parametrize("layout", ["parquet-bytes", "jsonl-paths"])
+@pytest.mark.parametrize("layout", ["parquet-bytes", pytest.param("jsonl-paths", marks=pytest.mark.slow)])
 def test_table_of_bytes_or_paths(layout, tiny_resnet, digits, tmp_path):
     """Custom column names, integer or string labels; two DataLoader workers run the transform."""
     rows = digits[:80]

@@ -3,13 +3,11 @@ DDP launch on this GPU-less machine really shards the data (half the optimizer s
 matches a single-process run with the same global batch."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 from accelerate.commands.config.config_args import load_config_from_file
 
-from conftest import logged_losses, read_json
+from conftest import launch, logged_losses, read_json
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(f for f in os.listdir(os.path.join(REPO, "accelerate_configs")) if f.endswith(".yaml"))
@@ -21,17 +19,8 @@ def test_shipped_accelerate_configs_load(name):
     assert config.num_processes >= 1 and config.distributed_type is not None
 
 
-def launch(config, num_processes, args, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           os.path.join(REPO, "accelerate_configs", config), "--num_processes", str(num_processes),
-           "--main_process_port", "0", os.path.join(REPO, "hftune", "run.py"), *args]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
 @pytest.mark.parametrize("engine", ["trainer", "accelerate"])
+@pytest.mark.slow
 def test_two_process_ddp_shards_and_matches_one_process(engine, tiny_bert, tweets_csv, tmp_path):
     train, validation = tweets_csv
     common = ["--model_name_or_path", tiny_bert, "--train_file", str(train), "--validation_file", str(validation),
@@ -42,9 +31,9 @@ def test_two_process_ddp_shards_and_matches_one_process(engine, tiny_bert, tweet
               # penalties and clipping by value act on the averaged gradient, as on one process
               "--l2_lambda", "1e-3", "--max_grad_value", "0.05"]
     launch("single_device.yaml", 1, common + ["--output_dir", str(tmp_path / "one"),
-                                              "--per_device_train_batch_size", "16"], tmp_path)
+                                              "--per_device_train_batch_size", "16"], cwd=tmp_path)
     launch("ddp.yaml", 2, common + ["--output_dir", str(tmp_path / "two"),
-                                    "--per_device_train_batch_size", "8"], tmp_path)
+                                    "--per_device_train_batch_size", "8"], cwd=tmp_path)
     one, two = read_json(tmp_path / "one/trainer_state.json"), read_json(tmp_path / "two/trainer_state.json")
     assert one["global_step"] == two["global_step"] == 320 // 16  # same global batch of 16
     # Two ranks each saw half of every batch: their averaged gradient equals the single-process one.
@@ -52,6 +41,7 @@ def test_two_process_ddp_shards_and_matches_one_process(engine, tiny_bert, tweet
         assert abs(a - b) < 1e-4, (a, b)
 
 
+@pytest.mark.slow
 def test_two_process_ddp_image_loss_is_not_scaled_by_world_size(tiny_resnet, digit_folders, tmp_path):
     """ResNet's loss is a per-image mean: under DDP it must not be multiplied by the world size.
     (BatchNorm statistics come from each rank's half batch, so only the scale is compared.)"""
@@ -60,13 +50,14 @@ def test_two_process_ddp_image_loss_is_not_scaled_by_world_size(tiny_resnet, dig
               "--validation_file", str(validation), "--max_steps", "3", "--logging_steps", "1",
               "--disable_tqdm", "true", "--seed", "7", "--train_sampling_strategy", "sequential"]
     launch("single_device.yaml", 1, common + ["--output_dir", str(tmp_path / "one"),
-                                              "--per_device_train_batch_size", "16"], tmp_path)
+                                              "--per_device_train_batch_size", "16"], cwd=tmp_path)
     launch("ddp.yaml", 2, common + ["--output_dir", str(tmp_path / "two"),
-                                    "--per_device_train_batch_size", "8"], tmp_path)
+                                    "--per_device_train_batch_size", "8"], cwd=tmp_path)
     one, two = logged_losses(tmp_path / "one")[0], logged_losses(tmp_path / "two")[0]
     assert 0.8 < two / one < 1.25, (one, two)
 
 
+@pytest.mark.slow
 def test_two_process_lbfgs_takes_the_same_steps_as_one_process(tiny_bert, tweets_csv, tmp_path):
     """The closure's loss is averaged over ranks, so both ranks run the same line search."""
     train, validation = tweets_csv
@@ -76,9 +67,9 @@ def test_two_process_lbfgs_takes_the_same_steps_as_one_process(tiny_bert, tweets
               "sequential", "--engine", "accelerate", "--optim", "lbfgs", "--optim_args", "max_iter=4",
               "--learning_rate", "0.5", "--max_grad_norm", "0", "--weight_decay", "0", "--do_eval", "false"]
     launch("single_device.yaml", 1, common + ["--output_dir", str(tmp_path / "one"),
-                                              "--per_device_train_batch_size", "16"], tmp_path)
+                                              "--per_device_train_batch_size", "16"], cwd=tmp_path)
     launch("ddp.yaml", 2, common + ["--output_dir", str(tmp_path / "two"),
-                                    "--per_device_train_batch_size", "8"], tmp_path)
+                                    "--per_device_train_batch_size", "8"], cwd=tmp_path)
     one, two = logged_losses(tmp_path / "one"), logged_losses(tmp_path / "two")
     assert len(one) == len(two) == 3
     assert one == pytest.approx(two, abs=1e-3)

@@ -76,6 +76,7 @@ def test_every_notebook_says_what_it_must_show():
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
+@pytest.mark.slow
 def test_notebook_executes_and_shows_its_results(name, kernel):
     notebook = nbformat.read(os.path.join(NOTEBOOK_DIR, name), as_version=4)
     code = [cell for cell in notebook.cells if cell.cell_type == "code"]

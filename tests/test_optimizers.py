@@ -18,6 +18,10 @@ LEARNING_RATES = {"sgd": 0.5, "gd": 1.0, "adam": 3e-3, "adamw": 3e-3, "adagrad":
                   "lbfgs": 0.5, "adamw_torch": 3e-3, "adafactor": 3e-3}
 CASES = [(name, engine) for name in LEARNING_RATES for engine in ("trainer", "accelerate")
          if not (name == "lbfgs" and engine == "trainer")]  # lbfgs under trainer: refused, see test_bad_input
+# The fast tier trains one optimizer per engine (test_registry_optimizers_are_what_they_say builds them all);
+# every other case, lbfgs's ~40 forward passes a step among them, runs in the full suite.
+FAST_CASES = [("adamw", "trainer"), ("sgd", "accelerate")]
+CASES = [case if case in FAST_CASES else pytest.param(*case, marks=pytest.mark.slow) for case in CASES]
 
 
 @pytest.mark.parametrize("optim,engine", CASES)
@@ -48,7 +52,7 @@ def test_registry_optimizers_are_what_they_say(tiny_bert):
             assert no_decay["weight_decay"] == 0.0 and len(no_decay["params"]) == 3
 
 
-@pytest.mark.parametrize("engine", ["trainer", "accelerate"])
+@pytest.mark.parametrize("engine", [pytest.param("trainer", marks=pytest.mark.slow), "accelerate"])
 def test_gd_makes_one_update_per_epoch(engine, tiny_bert, tweets_csv, tmp_path):
     args = strategy_args(tiny_bert, tmp_path / "out", *tweets_csv, optim="gd", engine=engine, max_train_samples=70,
                          max_steps=-1, num_train_epochs=3, learning_rate=0.5)

@@ -9,40 +9,14 @@ import pytest
 import torch
 import yaml
 from datasets import Dataset, DatasetDict
-from transformers import (
-    AutoTokenizer, DataCollatorForSeq2Seq, GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM, default_data_collator,
-)
+from transformers import DataCollatorForSeq2Seq, default_data_collator
 
 from conftest import fail, logged_losses
 from hftune.config import DataArguments, ModelArguments
 from hftune.errors import HftuneError
 from hftune.run import main
 from hftune.tasks import causal_lm
-from test_causal_lm import tiny_llama, tweet_jsonl, tweet_texts  # noqa: F401 (fixtures)
-
-
-def save_tiny(path, tokenizer_source, config_class, model_class, **sizes):
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
-    config = config_class(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
-                          pad_token_id=tokenizer.pad_token_id, **sizes)
-    torch.manual_seed(0)
-    model_class(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def tiny_gpt2(tmp_path_factory, tiny_llama):  # noqa: F811
-    """GPT-2: learned absolute positions, dropout off so training-mode forwards compare exactly."""
-    return save_tiny(tmp_path_factory.mktemp("gpt2"), tiny_llama, GPT2Config, GPT2LMHeadModel, n_positions=64,
-                     n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-
-
-@pytest.fixture(scope="module")
-def tiny_opt(tmp_path_factory, tiny_llama):  # noqa: F811
-    """OPT derives its positions from the attention mask and builds its own mask: packed texts leak."""
-    return save_tiny(tmp_path_factory.mktemp("opt"), tiny_llama, OPTConfig, OPTForCausalLM, hidden_size=32,
-                     num_hidden_layers=2, num_attention_heads=2, ffn_dim=64, word_embed_proj_dim=32, dropout=0.0)
+from test_causal_lm import tweet_jsonl, tweet_texts  # noqa: F401 (fixtures)
 
 
 def build_bundle(model, texts, **data):
@@ -114,6 +88,7 @@ def run(tmp_path, model, train, validation, name, **overrides):
     return logged_losses(recipe["output_dir"])
 
 
+@pytest.mark.slow
 def test_training_matches_padded_batches_step_for_step(tmp_path, tiny_llama, tweet_jsonl):  # noqa: F811
     """Trainer weighs tokens across micro-batches by its label count: the same count either way."""
     flat = run(tmp_path, tiny_llama, *tweet_jsonl, "flat")

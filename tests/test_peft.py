@@ -15,10 +15,8 @@ from transformers import (
     LlamaForCausalLM, ResNetConfig, ResNetForImageClassification, TrainerCallback,
 )
 
-from conftest import cli_flags, fail, run_engine, strategy_args, write_tweet_split
+from conftest import cli_flags, fail, launch, probed, run_engine, strategy_args, tiny_model, write_tweet_split
 from hftune.compression.adapters import default_modules_to_save, default_target_modules
-from hftune.assets import resolve_model
-from test_distributed import launch
 
 R, ALPHA = 4, 8
 
@@ -120,6 +118,7 @@ def base_and_adapter_logits(base_path, out, files):
     return logits(PeftModel.from_pretrained(base, out), out, files)
 
 
+@pytest.mark.slow
 def test_resumed_lora_run_continues_from_the_adapter_state(bert_lora, tiny_bert, tweet_files, tmp_path):
     _, history, _, out = bert_lora
     args = lora_args(tiny_bert, tmp_path / "resumed", tweet_files, resume_from_checkpoint=out / "checkpoint-4")
@@ -131,6 +130,7 @@ def test_resumed_lora_run_continues_from_the_adapter_state(bert_lora, tiny_bert,
     assert max_difference(adapter(out / "checkpoint-4"), adapter(out)) > 1e-4
 
 
+@pytest.mark.slow
 def test_accelerate_engine_saves_resumes_and_merges_the_adapter(tiny_bert, tweet_files, tmp_path):
     first, resumed = tmp_path / "first", tmp_path / "resumed"
     run_engine(lora_args(tiny_bert, first, tweet_files, engine="accelerate", max_steps=4, save_strategy="steps",
@@ -144,7 +144,8 @@ def test_accelerate_engine_saves_resumes_and_merges_the_adapter(tiny_bert, tweet
     assert (logits(merged, first, tweet_files) - expected).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("variant", ["dora", "rslora", "ia3"])
+@pytest.mark.parametrize("variant", [pytest.param("dora", marks=pytest.mark.slow),
+                                     pytest.param("rslora", marks=pytest.mark.slow), "ia3"])
 def test_dora_rslora_and_ia3_build_and_train(variant, tiny_bert, tweet_files, tmp_path):
     extra = {"dora": dict(use_dora="true"), "rslora": dict(use_rslora="true"),
              "ia3": dict(peft="ia3", lora_r=None, lora_alpha=None, lora_dropout=None)}[variant]
@@ -167,20 +168,12 @@ def test_dora_rslora_and_ia3_build_and_train(variant, tiny_bert, tweet_files, tm
 
 
 @pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory):
-    """A 2-layer Llama with the real MiniLM tokenizer ([SEP] as EOS). initializer_range 0.2, not 0.02: with
-    output weights that small the logits span well under 1, and no adapter could move the loss from ln(vocab)."""
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model("asset:all-MiniLM-L6-v2"))
-    tokenizer.eos_token = "[SEP]"
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         initializer_range=0.2, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+def tiny_llama_wide_init(tmp_path_factory):
+    """A 2-layer Llama with the real MiniLM tokenizer ([SEP] as EOS), 128 positions, no BOS. initializer_range 0.2,
+    not 0.02: with output weights that small the logits span well under 1, and no adapter could move the loss
+    from ln(vocab)."""
+    return tiny_model(tmp_path_factory.mktemp("tiny-llama"), "llama", tokens=("eos", "pad"),
+                      max_position_embeddings=128, initializer_range=0.2)
 
 
 @pytest.fixture(scope="module")
@@ -193,13 +186,15 @@ def tweet_texts(tweets, tmp_path_factory):
 
 
 # measured eval-loss falls over 10 steps: lora 0.32, prefix_tuning 0.24, prompt_tuning 0.10
-@pytest.mark.parametrize("method, lr", [("lora", 3e-2), ("prefix_tuning", 3e-1), ("prompt_tuning", 3e-1)])
-def test_causal_lm_peft_lowers_the_loss(method, lr, tiny_llama, tweet_texts, tmp_path):
+@pytest.mark.parametrize("method, lr", [pytest.param("lora", 3e-2, marks=pytest.mark.slow),
+                                        pytest.param("prefix_tuning", 3e-1, marks=pytest.mark.slow),
+                                        ("prompt_tuning", 3e-1)])
+def test_causal_lm_peft_lowers_the_loss(method, lr, tiny_llama_wide_init, tweet_texts, tmp_path):
     train, validation = tweet_texts
-    settings = dict(task="causal-lm", model_name_or_path=tiny_llama, train_file=train, validation_file=validation,
-                    output_dir=tmp_path / "out", peft=method, max_seq_length=32, per_device_train_batch_size=8,
-                    max_steps=10, learning_rate=lr, warmup_steps=0, logging_steps=1, report_to="none",
-                    disable_tqdm="true", save_strategy="no", eval_on_start="true",
+    settings = dict(task="causal-lm", model_name_or_path=tiny_llama_wide_init, train_file=train,
+                    validation_file=validation, output_dir=tmp_path / "out", peft=method, max_seq_length=32,
+                    per_device_train_batch_size=8, max_steps=10, learning_rate=lr, warmup_steps=0, logging_steps=1,
+                    report_to="none", disable_tqdm="true", save_strategy="no", eval_on_start="true",
                     num_virtual_tokens=8 if method != "lora" else None)
     engine, history = run_engine(cli_flags(settings, {}))
     trainable = [n for n, p in engine.model.named_parameters() if p.requires_grad]
@@ -211,6 +206,7 @@ def test_causal_lm_peft_lowers_the_loss(method, lr, tiny_llama, tweet_texts, tmp
     assert last < first - 0.05, (first, last)
 
 
+@pytest.mark.slow
 def test_resnet_lora_adapts_convolutions_keeps_head_and_batchnorm_trainable(tiny_resnet, digit_folders, tmp_path):
     out = tmp_path / "out"
     settings = dict(task="image-classification", model_name_or_path=tiny_resnet, train_file=digit_folders[0],
@@ -284,10 +280,11 @@ def one_process(launch_args, tmp_path_factory):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU (gloo) launches")
 @pytest.mark.parametrize("config", ["ddp.yaml", "deepspeed_zero2.yaml", "deepspeed_zero3.yaml"])
+@pytest.mark.slow
 def test_two_process_lora_matches_one_process(config, launch_args, one_process, tiny_bert, tmp_path):
     zero3 = config == "deepspeed_zero3.yaml"
     args = launch_args + ["--per_device_train_batch_size", str(GLOBAL_BATCH // 2), "--merge_adapter", str(zero3)]
-    _, probes = launch(config, 2, args, tmp_path, "two")
+    probes = launch(config, 2, args, **probed(tmp_path, "two")).probes
     assert [probes[r]["world_size"] for r in (0, 1)] == [2, 2]
     assert not set(probes[0]["rows"]) & set(probes[1]["rows"])
     out = tmp_path / "two"

@@ -5,43 +5,27 @@ between stages, an untied embedding or a wrong data share shows up as a differen
 
 import json
 import os
-import subprocess
-import sys
 from collections import defaultdict
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import (
-    AutoModelForCausalLM, AutoTokenizer, BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel,
-    LlamaConfig, LlamaForCausalLM,
+    AutoModelForCausalLM, BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+    LlamaForCausalLM,
 )
 
-from conftest import aborted_at_exit, cli_flags, fail, logged_losses, read_json
+from conftest import RANK_PROBE, cli_flags, fail, launch, logged_losses, read_json
 from hftune.run import main
-from test_causal_lm import tiny_llama, tweet_jsonl, tweet_texts  # noqa: F401 (fixtures)
+from test_causal_lm import tweet_jsonl, tweet_texts  # noqa: F401 (fixtures)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def launch(num_processes, args, probe_dir, deepspeed_json=None):
-    """accelerate launch of tests/rank_probe.py (hftune's run.py, recording each rank's rows) from
-    the repository root, where the accelerate config finds deepspeed_configs/pipeline.json."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HFTUNE_PROBE_DIR": str(probe_dir)}
-    env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(REPO, ".cache", "torch_extensions"))
-    os.makedirs(probe_dir, exist_ok=True)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           os.path.join(REPO, "accelerate_configs", "deepspeed_pipeline.yaml"), "--num_processes", str(num_processes),
-           "--main_process_port", "0"]
-    if deepspeed_json is not None:
-        cmd += ["--deepspeed_config_file", str(deepspeed_json)]
-    cmd += [os.path.join(REPO, "tests", "rank_probe.py"), *args, "--engine", "pipeline"]
-    for attempt in range(2):
-        result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
-        if not aborted_at_exit(result):
-            break
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    return [read_json(os.path.join(probe_dir, f"rank{r}.json")) for r in range(num_processes)], result.stdout
+# launched from the repository root, where this accelerate config finds deepspeed_configs/pipeline.json (a run's
+# own JSON comes as a launch flag), running RANK_PROBE: hftune's run.py recording each rank's rows
+PIPELINE = "deepspeed_pipeline.yaml"
+ENGINE = ["--engine", "pipeline"]
 
 
 def llama_args(model, data, out, **overrides):
@@ -62,32 +46,6 @@ def history(out):
 
 
 @pytest.fixture(scope="module")
-def tiny_llama_tied(tmp_path_factory, tiny_llama):  # noqa: F811
-    """The tiny Llama with tied input/output embeddings (as SmolLM2 has them)."""
-    path = tmp_path_factory.mktemp("tiny-llama-tied")
-    config = LlamaConfig.from_pretrained(tiny_llama)
-    config.tie_word_embeddings = True
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
-    AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def tiny_gpt2(tmp_path_factory, tiny_llama):  # noqa: F811
-    """A 2-layer GPT-2 (tied embeddings, learned positions, dropout off) with the tiny Llama's tokenizer."""
-    path = tmp_path_factory.mktemp("tiny-gpt2")
-    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.0,
-                        embd_pdrop=0.0, attn_pdrop=0.0, eos_token_id=tokenizer.eos_token_id,
-                        pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    GPT2LMHeadModel(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def tied_run(tmp_path_factory, tiny_llama_tied, tweet_jsonl):  # noqa: F811
     """2 stages on 2 processes: 6 steps, checkpoints at 3 and 6, evaluation at the end. The shipped
     JSON, partitioned by layer type so that the last stage holds the tied head alone (a stage with
@@ -98,11 +56,13 @@ def tied_run(tmp_path_factory, tiny_llama_tied, tweet_jsonl):  # noqa: F811
     (root / "pipeline.json").write_text(json.dumps(config))
     args = llama_args(tiny_llama_tied, tweet_jsonl, str(root / "out"), do_eval="true", save_strategy="steps",
                       save_steps=3)
-    ranks, log = launch(2, args, root / "probe", root / "pipeline.json")
-    return dict(args=args, out=str(root / "out"), ranks=ranks, log=log, model=tiny_llama_tied,
-                json=root / "pipeline.json")
+    result = launch(PIPELINE, 2, [*args, *ENGINE], script=RANK_PROBE, probe_dir=root / "probe",
+                    launch_flags=["--deepspeed_config_file", root / "pipeline.json"])
+    return dict(args=args, out=str(root / "out"), ranks=[result.probes[r] for r in range(2)], log=result.stdout,
+                model=tiny_llama_tied, json=root / "pipeline.json")
 
 
+@pytest.mark.slow
 def test_two_stages_match_one_process(tied_run, tmp_path):
     """Same losses, learning rates and eval loss as Trainer on one process: the tied embedding's
     gradients from the first stage (input) and the last (output) are summed."""
@@ -120,6 +80,7 @@ def test_two_stages_match_one_process(tied_run, tmp_path):
     assert results["eval_loss"] == pytest.approx(read_json(tmp_path / "one/all_results.json")["eval_loss"], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_saved_model_is_the_trained_tied_checkpoint(tied_run, tweet_jsonl, tmp_path):  # noqa: F811
     out = tied_run["out"]
     model = AutoModelForCausalLM.from_pretrained(out)
@@ -144,23 +105,28 @@ def test_saved_model_is_the_trained_tied_checkpoint(tied_run, tweet_jsonl, tmp_p
     assert reloaded == pytest.approx(read_json(f"{out}/all_results.json")["eval_loss"], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(tied_run, tmp_path):
     """Resuming at step 3 ends with the uninterrupted run's losses and weights."""
     args = [*tied_run["args"], f"--output_dir={tmp_path / 'resumed'}",
             f"--resume_from_checkpoint={tied_run['out']}/checkpoint-3"]
-    launch(2, args, tmp_path / "probe", tied_run["json"])
+    launch(PIPELINE, 2, [*args, *ENGINE], script=RANK_PROBE, probe_dir=tmp_path / "probe",
+           launch_flags=["--deepspeed_config_file", tied_run["json"]])
     assert logged_losses(tmp_path / "resumed") == pytest.approx(logged_losses(tied_run["out"]), abs=1e-6)
     resumed = load_file(tmp_path / "resumed/model.safetensors")
     straight = load_file(f"{tied_run['out']}/model.safetensors")
     assert all(torch.allclose(resumed[k], straight[k], atol=1e-6) for k in straight)
 
 
+@pytest.mark.slow
 def test_two_stages_by_two_replicas(tiny_gpt2, tweet_jsonl, tmp_path):  # noqa: F811
     """4 processes = 2 stages x 2 data-parallel replicas of GPT-2: each replica reads its own rows (both
     of its stages the same ones), and 2 micro-batches of 2 on each replica equal one process's 2 of 4.
     Reference: one process on engine accelerate."""
-    ranks, _ = launch(4, llama_args(tiny_gpt2, tweet_jsonl, str(tmp_path / "pipe"), max_steps=4, pipeline_stages=2,
-                                 per_device_train_batch_size=2), tmp_path / "probe")
+    args = llama_args(tiny_gpt2, tweet_jsonl, str(tmp_path / "pipe"), max_steps=4, pipeline_stages=2,
+                      per_device_train_batch_size=2)
+    probes = launch(PIPELINE, 4, [*args, *ENGINE], script=RANK_PROBE, probe_dir=tmp_path / "probe").probes
+    ranks = [probes[r] for r in range(4)]
     assert [r["world_size"] for r in ranks] == [4] * 4
     readers = defaultdict(list)
     for rank, seen in enumerate(ranks):
@@ -172,6 +138,7 @@ def test_two_stages_by_two_replicas(tiny_gpt2, tweet_jsonl, tmp_path):  # noqa: 
     assert logged_losses(tmp_path / "pipe") == pytest.approx(logged_losses(tmp_path / "one"), abs=1e-4)
 
 
+@pytest.mark.slow
 def test_bert_classifier_two_stages(tiny_bert, tweets_csv, tmp_path):
     """A BERT encoder + classification head (padded batches of varying length) in 2 stages; accuracy
     and F1 come from the last stage's logits."""
@@ -181,7 +148,9 @@ def test_bert_classifier_two_stages(tiny_bert, tweets_csv, tmp_path):
         max_seq_length=32, max_steps=6, per_device_train_batch_size=8, gradient_accumulation_steps=2,
         learning_rate=1e-3, warmup_steps=0, logging_steps=1, seed=7, train_sampling_strategy="sequential",
         eval_strategy="no", save_strategy="no", report_to="none", disable_tqdm="true"), {})
-    ranks, _ = launch(2, [*flags, f"--output_dir={tmp_path / 'pipe'}"], tmp_path / "probe")
+    probes = launch(PIPELINE, 2, [*flags, f"--output_dir={tmp_path / 'pipe'}", *ENGINE], script=RANK_PROBE,
+                    probe_dir=tmp_path / "probe").probes
+    ranks = [probes[r] for r in range(2)]
     assert [r["world_size"] for r in ranks] == [2, 2]
     main([*flags, f"--output_dir={tmp_path / 'one'}"])
     assert logged_losses(tmp_path / "pipe") == pytest.approx(logged_losses(tmp_path / "one"), abs=1e-4)

@@ -179,6 +179,7 @@ print(json.dumps({"parameters": built - base, "gradients": with_grads - built, "
 """
 
 
+@pytest.mark.slow
 def test_parameters_and_adamw_states_match_memory_measured_on_cpu():
     """Measured: in a fresh process (one thread), the growth of the resident set size while the
     all-MiniLM-L6-v2 classifier (22.7M parameters, fp32) is built, while a zero gradient is given to

@@ -108,6 +108,7 @@ def test_evaluate_bad_input_is_one_line(classifier, tiny_bert, capsys, tmp_path)
     assert "eval_split 'test' has no labels" in line
 
 
+@pytest.mark.slow
 def test_causal_lm_predictions_are_greedy_continuations(tiny_gpt, tweets, tmp_path):
     train, validation = write_tweet_split(tweets, tmp_path, rows=120, train_rows=100)
     prompts = tweets.sample(n=4, random_state=2)[["text"]]

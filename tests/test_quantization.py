@@ -3,6 +3,7 @@ its eval metric before and after in the results; the copy reloads without unrest
 
 import os
 
+import pytest
 import torch
 from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, GPT2LMHeadModel
@@ -12,6 +13,7 @@ from hftune.compression.quantization import _conv1d_to_linear, load_quantized, q
 from hftune.run import main
 
 
+@pytest.mark.slow
 def test_quantized_classifier_is_smaller_reports_its_metric_and_reloads(tiny_bert, tweets_csv, tmp_path):
     out = tmp_path / "out"
     main(strategy_args(tiny_bert, out, *tweets_csv, quantize="dynamic", do_eval="true", max_steps=20))
@@ -55,6 +57,7 @@ def test_lora_run_is_quantized_with_its_adapter_merged(tiny_bert, tweets_csv, tm
         assert torch.allclose(got, quantize_dynamic_int8(merged)(**batch).logits, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_gpt2_conv1d_layers_are_quantized_and_perplexity_is_reported(tiny_gpt, tweets_csv, tmp_path):
     model_dir = tiny_gpt
     model = GPT2LMHeadModel.from_pretrained(model_dir).eval()

@@ -4,9 +4,12 @@ test_text_classification.py.)"""
 
 import math
 
+import pytest
+
 from conftest import read_json
 from hftune.run import main
 
+pytestmark = pytest.mark.slow  # real pretrained checkpoints
 SHORT = ["--eval_strategy", "steps", "--eval_on_start", "true", "--disable_tqdm", "true", "--logging_steps", "1"]
 
 

@@ -31,7 +31,7 @@ def recorded_run(tiny_bert, tweets_csv, out, p=2.0, **overrides):
     return recorder
 
 
-@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("engine", [pytest.param("trainer", marks=pytest.mark.slow), "accelerate"])
 def test_clip_by_value_bounds_every_gradient_element(engine, tiny_bert, tweets_csv, tmp_path):
     free = recorded_run(tiny_bert, tweets_csv, tmp_path / "free", engine=engine, max_grad_norm=0)
     clipped = recorded_run(tiny_bert, tweets_csv, tmp_path / "clipped", engine=engine, max_grad_norm=0,
@@ -40,8 +40,9 @@ def test_clip_by_value_bounds_every_gradient_element(engine, tiny_bert, tweets_c
     assert max(clipped.max_abs) <= 0.01 + 1e-9
 
 
-@pytest.mark.parametrize("p", [2.0, 1.0, float("inf")])
-@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("p", [pytest.param(2.0, marks=pytest.mark.slow), pytest.param(1.0, marks=pytest.mark.slow),
+                               float("inf")])
+@pytest.mark.parametrize("engine", [pytest.param("trainer", marks=pytest.mark.slow), "accelerate"])
 def test_clip_by_norm_bounds_the_accumulated_p_norm(engine, p, tiny_bert, tweets_csv, tmp_path):
     bound = {2.0: 0.03, 1.0: 0.6, float("inf"): 0.02}[p]
     free = recorded_run(tiny_bert, tweets_csv, tmp_path / "free", p, engine=engine, max_grad_norm=0)
@@ -52,6 +53,7 @@ def test_clip_by_norm_bounds_the_accumulated_p_norm(engine, p, tiny_bert, tweets
     assert max(clipped.norms) <= bound * (1 + 1e-4)
 
 
+@pytest.mark.slow
 def test_l1_drives_more_weights_to_zero_than_no_l1(tiny_bert, tweets_csv, tmp_path):
     def near_zero_fraction(out, **penalty):
         run_engine(strategy_args(tiny_bert, out, *tweets_csv, optim="sgd", learning_rate=0.5, max_steps=30,
@@ -75,7 +77,7 @@ def test_penalties_are_logged_and_select_weights_by_default(tiny_bert, tweets_cs
     assert len(Penalties(model, 1.0, 0.0, r"^1\.").params) == 2  # a regex over parameter names
 
 
-@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("engine", [pytest.param("trainer", marks=pytest.mark.slow), "accelerate"])
 def test_early_stopping_stops_after_patience_flat_evaluations(engine, tiny_bert, tweets_csv, tmp_path):
     # learning_rate 0: eval_loss never improves. Evals at steps 2 (sets the best), 4 and 6 (2 flat) -> stop at 6.
     engine_, _ = run_engine(strategy_args(
@@ -99,6 +101,7 @@ def bn_tensors(path, suffix):
 
 
 @pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.slow
 def test_frozen_batchnorm_keeps_its_running_stats_and_affine(engine, tiny_resnet, digit_folders, tmp_path):
     before_stats, before_weight = bn_tensors(tiny_resnet, "running_mean"), bn_tensors(tiny_resnet, "weight")
     run_engine(image_args(tiny_resnet, digit_folders, tmp_path / "free", engine=engine))
@@ -120,6 +123,7 @@ def test_dropout_overrides_reach_the_checkpoint_config(tiny_bert, tweets_csv, tm
     assert AutoConfig.from_pretrained(tiny_bert).hidden_dropout_prob == 0.0
 
 
+@pytest.mark.slow
 def test_label_smoothing_changes_the_loss_like_the_formula(tiny_bert, tweets_csv, tmp_path):
     plain = step_logs(run_engine(strategy_args(tiny_bert, tmp_path / "a", *tweets_csv, max_steps=8,
                                                max_train_samples=16, engine="accelerate"))[1], "loss")

@@ -5,7 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow  # runs the whole benchmark script
 
 
 def test_reliability_script_prints_its_table(tmp_path):

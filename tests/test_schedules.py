@@ -37,7 +37,12 @@ def expected_rates(formula):
     return [LR * warm(t) if t < WARMUP else formula(t) for t in range(STEPS)]
 
 
-@pytest.mark.parametrize("schedule", SCHEDULES)
+# the fast tier keeps hftune's own exponential and step schedules; the rest run in the full suite
+SLOW_SCHEDULES = ("constant", "linear", "cosine", "cosine_with_restarts", "polynomial", "exponential-per-epoch")
+
+
+@pytest.mark.parametrize("schedule", [pytest.param(s, marks=pytest.mark.slow) if s in SLOW_SCHEDULES else s
+                                      for s in SCHEDULES])
 def test_logged_learning_rate_follows_the_formula(schedule, tiny_bert, tweets_csv, tmp_path):
     kwargs, formula = SCHEDULES[schedule]
     args = strategy_args(tiny_bert, tmp_path / "out", *tweets_csv, lr_scheduler_type=schedule.split("-")[0],
@@ -50,6 +55,7 @@ def test_logged_learning_rate_follows_the_formula(schedule, tiny_bert, tweets_cs
 
 
 @pytest.mark.parametrize("engine", ["trainer", "accelerate"])
+@pytest.mark.slow
 def test_reduce_on_plateau_warms_up_then_halves_after_each_flat_evaluation(engine, tiny_bert, tweets_csv, tmp_path):
     # threshold 10 (relative): no evaluation ever counts as an improvement, so with patience 0 every
     # evaluation after warmup halves the rate.
@@ -62,6 +68,7 @@ def test_reduce_on_plateau_warms_up_then_halves_after_each_flat_evaluation(engin
     assert logged == pytest.approx([0.0, LR / 2] + [LR * 0.5 ** ((t - 1) // 2) for t in range(3, 9)], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_warmup_ratio_is_a_fraction_of_the_training_steps(tiny_bert, tweets_csv, tmp_path):
     args = strategy_args(tiny_bert, tmp_path / "out", *tweets_csv, lr_scheduler_type="linear", learning_rate=LR,
                          warmup_ratio=WARMUP / STEPS, max_steps=STEPS, max_train_samples=16,

@@ -13,7 +13,7 @@ from hftune.config import ModelArguments, parse_config
 from hftune.tasks.common import pretrained_source
 
 
-@pytest.mark.parametrize("engine", ["trainer", "accelerate"])
+@pytest.mark.parametrize("engine", [pytest.param("trainer", marks=pytest.mark.slow), "accelerate"])
 def test_train_and_resume_load_nothing_with_unrestricted_pickle(engine, tiny_bert, tweets_csv, tmp_path, monkeypatch):
     """Every torch.load of a save-then-resume cycle (optimizer, scheduler, RNG states, ...) is
     weights_only; model weights are safetensors and never reach torch.load at all."""
@@ -52,6 +52,7 @@ def files_under(root, skip=()):
     return found
 
 
+@pytest.mark.slow
 def test_a_run_writes_only_to_output_dir_and_the_caches(tiny_bert, tweets_csv, tmp_path):
     """HOME, the working directory and TMPDIR hold nothing new after a run; HF and other caches
     go where their environment variables point."""

@@ -3,9 +3,6 @@ batch by batch, shuffled through a seeded buffer, and split across processes so 
 reads its own rows; validation stays map-style. Also: map-style data under a 2-process launch."""
 
 import hashlib
-import os
-import subprocess
-import sys
 
 import pandas as pd
 import pytest
@@ -14,14 +11,12 @@ from accelerate.data_loader import prepare_data_loader
 from datasets import load_dataset
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from conftest import cli_flags, fail, logged_losses, read_json
+from conftest import RANK_PROBE, cli_flags, fail, launch, logged_losses, read_json
 from hftune.config import DataArguments, HftuneTrainingArguments, ModelArguments, parse_config
 from hftune.data import is_stream, load_raw_datasets, shuffle_stream
 from hftune.run import main, setup
 from hftune.tasks import causal_lm, image_classification, text_classification
-from test_causal_lm import tiny_llama, tweet_jsonl, tweet_texts  # noqa: F401 (fixtures)
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from test_causal_lm import tweet_jsonl, tweet_texts  # noqa: F401 (fixtures)
 
 
 def row_fingerprint(example):
@@ -54,6 +49,7 @@ def small_train(tweets_csv, tmp_path):
 
 # ---- one process ----
 
+@pytest.mark.slow
 def test_streamed_csv_trains_and_evaluates(tiny_bert, small_train, tweets_csv, tmp_path):
     out = tmp_path / "out"
     main(run_args(tiny_bert, out, small_train, tweets_csv[1], learning_rate=1e-2))
@@ -139,18 +135,6 @@ def test_streaming_needs_the_trainer_engine(capsys, tiny_bert, tweets_csv, tmp_p
 
 # ---- two processes ----
 
-def probe(config, num_processes, args, probe_dir):
-    """Launch tests/rank_probe.py; returns each rank's record (world size, rows collated)."""
-    probe_dir.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HFTUNE_PROBE_DIR": str(probe_dir)}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           os.path.join(REPO, "accelerate_configs", config), "--num_processes", str(num_processes),
-           "--main_process_port", "0", os.path.join(REPO, "tests", "rank_probe.py"), *args]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return [read_json(probe_dir / f"rank{rank}.json") for rank in range(num_processes)]
-
-
 def one_process_rows(args):
     """The rows one process collates for these args: hftune run in-process, recording as the probe does."""
     model_args, data_args, training_args = parse_config(args)
@@ -167,14 +151,16 @@ def one_process_rows(args):
 
 
 @pytest.mark.parametrize("streaming", [False, True], ids=["map-style", "streaming"])
+@pytest.mark.slow
 def test_two_processes_read_distinct_rows(streaming, tiny_bert, tweets_csv, tmp_path):
     """Each rank collates its own rows, and together they are the rows one process reads with the
     same global batch and steps (random sampling; for a stream, the same seeded shuffle)."""
     train, validation = tweets_csv
     common = run_args(tiny_bert, None, train, validation, streaming=str(streaming).lower(), max_steps=4,
                       do_eval="false", eval_strategy="no", validation_split_percentage=0, learning_rate=1e-3)
-    two = probe("ddp.yaml", 2, common + [f"--output_dir={tmp_path / 'two'}", "--per_device_train_batch_size=8"],
-                tmp_path / "probe")
+    probes = launch("ddp.yaml", 2, common + [f"--output_dir={tmp_path / 'two'}", "--per_device_train_batch_size=8"],
+                    script=RANK_PROBE, probe_dir=tmp_path / "probe").probes
+    two = [probes[rank] for rank in range(2)]
     one = one_process_rows(common + [f"--output_dir={tmp_path / 'one'}"])  # per_device_train_batch_size 16
 
     assert [record["world_size"] for record in two] == [2, 2]

@@ -2,6 +2,7 @@
 
 
 import pandas as pd
+import pytest
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from conftest import cli_flags, logged_losses, read_json
@@ -22,6 +23,7 @@ def run_args(model, out, **extra):
                           logging_steps=1, max_seq_length=48, warmup_steps=0), extra)
 
 
+@pytest.mark.slow
 def test_string_labels_train_save_and_reload(tiny_bert, tweets_csv, tmp_path):
     train, validation = tweets_csv
     out = tmp_path / "out"
@@ -58,6 +60,7 @@ def test_resolved_config_reproduces_the_run(tiny_bert, tweets_csv, tmp_path):
 
 
 
+@pytest.mark.slow
 def test_text_pairs_with_integer_labels(tiny_bert, tweets, tmp_path):
     # Pair task built from real tweets: label 1 when both tweets share a sentiment.
     rows = tweets.sample(n=480, random_state=1).reset_index(drop=True)
@@ -82,6 +85,7 @@ def test_text_pairs_with_integer_labels(tiny_bert, tweets, tmp_path):
     assert example["input_ids"].count(102) == 2  # [SEP] after each segment
 
 
+@pytest.mark.slow
 def test_default_recipe_runs_offline_with_real_weights(tmp_path, capsys):
     """The main job's recipe (real all-MiniLM-L6-v2, real tweets), cut to a few steps: accuracy rises."""
     out = tmp_path / "default"
@@ -97,6 +101,7 @@ def test_default_recipe_runs_offline_with_real_weights(tmp_path, capsys):
     assert model.config.id2label == {0: "negative", 1: "neutral", 2: "positive"}
 
 
+@pytest.mark.slow
 def test_resume_from_latest_checkpoint(tiny_bert, tweets_csv, tmp_path):
     train, validation = tweets_csv
     out = tmp_path / "out"
@@ -119,6 +124,7 @@ def test_dataset_name_loads_through_load_dataset(tiny_bert, tweets_csv, tmp_path
     assert read_json(out / "all_results.json")["eval_samples"] == 80  # validation.csv found by name
 
 
+@pytest.mark.slow
 def test_do_predict_evaluates_the_test_split(tiny_bert, tweets_csv, tmp_path):
     train, validation = tweets_csv
     out = tmp_path / "out"

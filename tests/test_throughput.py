@@ -39,7 +39,7 @@ def counted(results, rate):
     return results[rate] * results["train_measured_seconds"]
 
 
-@pytest.mark.parametrize("engine", ["trainer", "accelerate"])
+@pytest.mark.parametrize("engine", [pytest.param("trainer", marks=pytest.mark.slow), "accelerate"])
 def test_text_classification_counts_the_real_tokens_it_trained_on(tmp_path, tiny_bert, tweets_csv, engine):
     train, validation = tweets_csv
     out = tmp_path / "out"
@@ -83,6 +83,7 @@ def test_causal_lm_packed_blocks_and_tied_head(tmp_path, tiny_gpt, tweets):
     assert results["train_model_flops_per_token"] == 6 * expected
 
 
+@pytest.mark.slow
 def test_image_classification_flops_from_the_flop_counter(tmp_path, tiny_resnet, digit_folders):
     train, validation = digit_folders
     out = tmp_path / "out"

@@ -19,7 +19,7 @@ def scalars(output_dir):
     return found
 
 
-@pytest.mark.parametrize("engine", ["trainer", "accelerate"])
+@pytest.mark.parametrize("engine", [pytest.param("trainer", marks=pytest.mark.slow), "accelerate"])
 def test_tensorboard_logs_what_trainer_state_records(engine, tiny_bert, tweets_csv, tmp_path):
     out = tmp_path / "out"
     main(strategy_args(tiny_bert, out, *tweets_csv, engine=engine, report_to="tensorboard", max_steps=6,

@@ -144,6 +144,9 @@ def check_peft_args(model_args, data_args, training_args):
             raise HftuneError(f"{changed[0]} is set but peft is not; set peft: lora (or {', '.join(PEFT_METHODS)}) "
                               f"or drop {changed[0]}.")
         return
+    if model_args.model_type:
+        raise HftuneError(f"peft {method} adapts a pretrained checkpoint; a model_type model trained from scratch "
+                          "trains whole: drop peft, or fine-tune a model_name_or_path.")
     if method not in PEFT_METHODS:
         raise HftuneError(f"unknown peft '{method}'.{closest(method, PEFT_METHODS)} "
                           f"Choose one of {list(PEFT_METHODS)}.")

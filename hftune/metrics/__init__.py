@@ -1,7 +1,9 @@
 """Metrics through `evaluate`, with offline fallbacks shipped in this package.
 
 `load_metric("accuracy")` returns the Hub's evaluate module when it can be had, else
-hftune's own module of the same name, loaded through `evaluate.load(local_path)`.
+hftune's own module of the same name, loaded through `evaluate.load(local_path)`; `config_name`
+picks a configuration of it (e.g. `load_metric("f1", "multilabel")`). A name in LOCAL_FIRST is
+always hftune's own: the Hub's module no longer runs with current libraries.
 
 Example:
     >>> from hftune.metrics import load_metric
@@ -18,7 +20,9 @@ from huggingface_hub import constants
 
 logger = logging.getLogger(__name__)
 
-LOCAL_METRICS = ("accuracy", "f1")
+LOCAL_METRICS = ("accuracy", "f1", "mse", "pearsonr", "spearmanr")
+# evaluate's mse passes `squared` to sklearn's mean_squared_error, which scikit-learn 1.6 removed.
+LOCAL_FIRST = ("mse",)
 
 
 def local_metric_path(name):
@@ -26,12 +30,12 @@ def local_metric_path(name):
 
 
 @lru_cache(maxsize=None)
-def load_metric(name):
-    if not constants.HF_HUB_OFFLINE:
+def load_metric(name, config_name=None):
+    if not constants.HF_HUB_OFFLINE and name not in LOCAL_FIRST:
         try:
-            return evaluate.load(name)
+            return evaluate.load(name, config_name)
         except Exception as err:  # no network, Hub down, module missing: all mean "use ours"
             if name not in LOCAL_METRICS:
                 raise
             logger.warning("evaluate.load(%r) failed (%s); using hftune's offline copy.", name, type(err).__name__)
-    return evaluate.load(local_metric_path(name))
+    return evaluate.load(local_metric_path(name), config_name)

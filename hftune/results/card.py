@@ -71,7 +71,7 @@ def build_card(trainer, bundle, model_args, data_args, training_args, metrics, c
     )
     sections = [
         f"# {name}\n\nFine-tuned with hftune for **{bundle.pipeline_task}**: "
-        f"base model {base_text}, data {data['text']}.",
+        f"base model {base_text}, data {data['text']}." + problem_text(bundle, data_args),
         results_section(results, trainer.state.log_history),
         usage_section(bundle, model_args, training_args),
         "## Training\n\n### Strategy\n\n" + bullets(strategy_lines(trainer, model_args, training_args)),
@@ -105,6 +105,8 @@ def is_hub_id(name):
 def base_model_facts(model_args):
     """(text for the card, Hub id for base_model metadata or None)."""
     name = model_args.model_name_or_path
+    if name is None:
+        return f"a new `{model_args.model_type}` model trained from scratch (`model_type`, `config_overrides`)", None
     if is_asset(name):
         return f"`{name}` (hftune offline asset: {get_asset(name, 'model').description})", None
     if is_hub_id(name):
@@ -129,6 +131,22 @@ def dataset_facts(data_args):
         kind = os.path.splitext(files[0])[1].lstrip(".") or "imagefolder"
     return dict(text="local files " + ", ".join(f"`{f}`" for f in files), hub_id=None, type=kind,
                 name=" + ".join(files), config=None)
+
+
+def problem_text(bundle, data_args):
+    """What the head predicts, where it is not one class per example (which the task name says)."""
+    config = bundle.model.config
+    kind, column = getattr(config, "problem_type", None), data_args.label_column
+    if kind == "regression":
+        return (f"\n\nProblem type: **regression** of `{column}`: one output, the predicted score itself (no "
+                "activation), trained with mean squared error; the pipeline returns it as `score`.")
+    if kind == "multi_label_classification":
+        names = [config.id2label[i] for i in range(config.num_labels)]
+        shown = ", ".join(f"`{n}`" for n in names[:20]) + (f" and {len(names) - 20} more" if len(names) > 20 else "")
+        return (f"\n\nProblem type: **multi-label classification** of `{column}` over {len(names)} labels "
+                f"({shown}): a sigmoid probability per label, trained with binary cross-entropy; a label is "
+                "predicted where its probability exceeds 0.5. `pipeline(..., top_k=None)` returns every label's.")
+    return ""
 
 
 def tags(bundle, model_args):

@@ -4,6 +4,9 @@
 `predictions_<split>.jsonl` for `predict_split`, one row per example in the split's order:
 - classification: the predicted label, its softmax probability, every class's probability and,
   where the split has labels, the true label (a split without a label column is predicted too);
+  regression: the predicted `score` (and `true_score`); multi-label: the predicted `labels` (sigmoid
+  probability > 0.5), every label's `probabilities` (and `true_labels`), as transformers' pipeline
+  scores them (config.problem_type);
 - causal LM: the greedy continuation (`max_new_tokens`) of each example's text.
 
 Example:
@@ -115,17 +118,35 @@ def attach_inputs(bundle, raw, data_args, args):
 
 def check_fine_tuned(model_args, bundle):
     """Without training, a classifier must already predict the data's classes: a checkpoint with other
-    (or no fine-tuned) labels would get a new, random head and report chance-level metrics."""
+    (or no fine-tuned) labels would get a new, random head and report chance-level metrics; one trained
+    for another problem type (regression, multi-label) would be scored with the wrong activation."""
     if bundle.pipeline_task not in CLASSIFIERS:
         return
     path, common = pretrained_source(model_args)
-    saved = {int(i): name for i, name in AutoConfig.from_pretrained(path, **common).id2label.items()}
+    config = AutoConfig.from_pretrained(path, **common)
+    kinds = problem_type(config), problem_type(bundle.model.config)
+    if kinds[0] != kinds[1]:
+        raise HftuneError(f"'{model_args.model_name_or_path}' has a head for {KINDS[kinds[0]]}, the data asks for "
+                          f"{KINDS[kinds[1]]} (from the label column's values and do_regression); evaluate a "
+                          "checkpoint fine-tuned for it, or train it (do_train: true).")
+    saved = {int(i): name for i, name in config.id2label.items()}
     wanted = {int(i): name for i, name in bundle.model.config.id2label.items()}
     if saved != wanted:
         raise HftuneError(
             f"'{model_args.model_name_or_path}' predicts the labels {list(saved.values())}, the data has "
             f"{list(wanted.values())}; evaluate a checkpoint fine-tuned on these classes, or train it (do_train: true)."
         )
+
+
+KINDS = {"single_label_classification": "single-label classes (or none fine-tuned)", "regression": "regression",
+         "multi_label_classification": "multi-label classification"}
+
+
+def problem_type(config):
+    """A classifier config's problem_type, or the one transformers infers where none is set (its models'
+    forward: regression for a single output, else single-label, as integer labels make it)."""
+    kind = getattr(config, "problem_type", None)
+    return kind or ("regression" if config.num_labels == 1 else "single_label_classification")
 
 
 def evaluate(trainer, dataset, split):
@@ -196,19 +217,46 @@ def _classify(trainer, bundle, dataset, split):
     if metrics:
         metrics = {**metrics, f"{prefix}_samples": len(dataset)}
         _report(trainer, prefix, metrics)
-    names = bundle.model.config.id2label
-    probabilities = softmax(np.asarray(logits, dtype=np.float64))
+    config = bundle.model.config
+    describe = {"regression": _score_row, "multi_label_classification": _labels_row}.get(
+        problem_type(config), _class_row)
+    logits = np.asarray(logits, dtype=np.float64)
     inputs = getattr(bundle, "predict_inputs", None)
     rows = []
-    for i, probs in enumerate(probabilities):
-        best = int(probs.argmax())
+    for i, row_logits in enumerate(logits):
         row = {"index": i} if inputs is None else {"index": i, "text": inputs[i]}
-        row.update(label=names[best], score=float(probs[best]),
-                   probabilities={names[k]: float(p) for k, p in enumerate(probs)})
-        if labels is not None:
-            row["true_label"] = names[int(labels[i])]
+        row.update(describe(row_logits, None if labels is None else labels[i], config.id2label))
         rows.append(row)
     return rows, metrics
+
+
+def _class_row(logits, label, names):
+    """The softmax's best class, its probability and every class's; the true class where known."""
+    probs = softmax(logits)
+    best = int(probs.argmax())
+    row = dict(label=names[best], score=float(probs[best]),
+               probabilities={names[k]: float(p) for k, p in enumerate(probs)})
+    if label is not None:
+        row["true_label"] = names[int(label)]
+    return row
+
+
+def _score_row(logits, label, names):
+    """Regression: the single output as it is (no activation); the true score where known."""
+    row = dict(score=float(logits[0]))
+    if label is not None:
+        row["true_score"] = float(label)
+    return row
+
+
+def _labels_row(logits, label, names):
+    """Multi-label: every label whose sigmoid probability exceeds 0.5, and each label's probability."""
+    probs = 1.0 / (1.0 + np.exp(-logits))
+    row = dict(labels=[names[k] for k, p in enumerate(probs) if p > 0.5],
+               probabilities={names[k]: float(p) for k, p in enumerate(probs)})
+    if label is not None:
+        row["true_labels"] = [names[k] for k, v in enumerate(label) if v > 0.5]
+    return row
 
 
 def softmax(logits):

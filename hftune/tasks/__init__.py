@@ -12,6 +12,7 @@ Example:
 """
 
 import importlib
+from dataclasses import fields
 
 from hftune.errors import HftuneError, closest
 
@@ -26,6 +27,15 @@ def get_task(name):
     if name not in TASKS:
         raise HftuneError(f"unknown task '{name}'.{closest(name, TASKS)} Valid tasks: {sorted(TASKS)}.")
     return importlib.import_module(TASKS[name])
+
+
+def task_fields():
+    """Data field -> the tasks that read it: setting one for another task is an error, not a no-op."""
+    owners = {}
+    for name in TASKS:
+        for f in fields(get_task(name).DataFields):
+            owners.setdefault(f.name, []).append(name)
+    return owners
 
 
 def traits(name):

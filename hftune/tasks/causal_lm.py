@@ -37,9 +37,12 @@ from transformers import (
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 from hftune.compression.adapters import PEFT_METHODS, quantized_loading
+from hftune.columns import detect_columns
 from hftune.data import apply_batched, drop_empty_texts, is_stream, limit_splits, require_columns
 from hftune.errors import HftuneError
-from hftune.tasks.common import TaskBundle, TaskTraits, TextFields, load_config, pretrained_source
+from hftune.tasks.common import (
+    TaskBundle, TaskTraits, TextFields, load_config, load_weights, pretrained_source, processor_path,
+)
 
 logger = logging.getLogger("hftune")
 
@@ -82,10 +85,11 @@ TRAITS = TaskTraits(auto_model="AutoModelForCausalLM", output="tokens", inputs="
 
 def load_model_and_tokenizer(model_args):
     path, common = pretrained_source(model_args)
-    tokenizer = AutoTokenizer.from_pretrained(path, **common)
+    tokenizer = AutoTokenizer.from_pretrained(processor_path(model_args, path), **common)
     if tokenizer.eos_token is None:
         raise HftuneError(
-            f"the tokenizer of '{model_args.model_name_or_path}' has no eos_token, which causal-lm needs to mark "
+            f"the tokenizer of '{model_args.tokenizer_name or model_args.model_name_or_path}' has no eos_token, "
+            "which causal-lm needs to mark "
             "where a text ends; use a causal-LM checkpoint or give its tokenizer an eos_token."
         )
     if tokenizer.pad_token is None:  # GPT-2 style tokenizers have none; padding positions are masked anyway
@@ -93,8 +97,9 @@ def load_model_and_tokenizer(model_args):
     # float32 weights whatever the checkpoint's dtype (transformers 5 defaults to it, often bf16):
     # pure-bf16 AdamW steps lose small updates; `bf16: true` adds autocast on top of float32 weights.
     config = load_config(model_args, path, common)
-    model = AutoModelForCausalLM.from_pretrained(
-        path, config=config, dtype=torch.float32, **quantized_loading(model_args, "causal-lm"), **common
+    model = load_weights(
+        AutoModelForCausalLM, model_args, path, config, dtype=torch.float32,
+        **quantized_loading(model_args, "causal-lm"), **common
     )
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
@@ -308,10 +313,11 @@ def collator_for(data_args, apart, tokenizer):
 
 def perplexity(metrics):
     """`<prefix>_perplexity` = exp(`<prefix>_loss`) for each evaluation loss in a log line; inf
-    once the loss is too large for exp (> ~709).
+    once the loss is too large for exp (> ~709). The validation one also as plain `perplexity`, the
+    key run_clm.py writes.
 
     >>> perplexity({"eval_loss": 0.0, "loss": 2.0})
-    {'eval_perplexity': 1.0}
+    {'eval_perplexity': 1.0, 'perplexity': 1.0}
     """
     derived = {}
     for key, loss in metrics.items():
@@ -320,10 +326,13 @@ def perplexity(metrics):
                 derived[key[: -len("loss")] + "perplexity"] = math.exp(loss)
             except OverflowError:
                 derived[key[: -len("loss")] + "perplexity"] = float("inf")
+    if "eval_perplexity" in derived:
+        derived["perplexity"] = derived["eval_perplexity"]
     return derived
 
 
 def build(model_args, data_args, raw):
+    raw = detect_columns(raw, data_args)  # unset columns (load_raw_datasets has found them already)
     for split, dataset in raw.items():
         require_columns(dataset, split, text_column=data_args.text_column)
     if data_args.block_size is not None and not data_args.concatenate_texts:  # would be ignored

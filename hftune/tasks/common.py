@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from hftune.assets import resolve_model
+from hftune.errors import HftuneError, closest
 
 logger = logging.getLogger("hftune")
 
@@ -27,13 +28,56 @@ class BaseModelArguments:
         default=True,
         metadata={"help": "Re-initialise a classification head whose shape differs from the checkpoint's."},
     )
+    tokenizer_name: str = field(
+        default=None, metadata={"help": "Tokenizer (or image processor) to load instead of the checkpoint's own: "
+                                        "a Hub id, folder or asset (the example scripts' name)."},
+    )
+    config_name: str = field(
+        default=None, metadata={"help": "Model config to load instead of the checkpoint's own (a Hub id or folder)."}
+    )
+    model_type: str = field(
+        default=None,
+        metadata={"help": "Train from scratch, as run_clm.py can: the default config of this transformers model type "
+                          "(gpt2, llama, bert, ...), changed by config_overrides, randomly initialised; needs "
+                          "tokenizer_name, instead of model_name_or_path."},
+    )
+    config_overrides: str = field(
+        default=None,
+        metadata={"help": "With model_type: changes to its default config, e.g. 'n_embd=64,n_layer=2,n_head=2'."},
+    )
+
+    def __post_init__(self):
+        check_model_source(self)
+
+
+def check_model_source(args):
+    """Exactly one source of weights: a checkpoint, or a model type trained from scratch."""
+    if args.model_type is None:
+        if args.config_overrides:
+            raise HftuneError("config_overrides changes the config of a model trained from scratch; set model_type "
+                              "(and drop model_name_or_path), or drop config_overrides.")
+        return
+    from transformers import CONFIG_MAPPING
+
+    if args.model_name_or_path:
+        raise HftuneError("model_type trains a new model from scratch, model_name_or_path fine-tunes a checkpoint; "
+                          "keep one.")
+    if args.model_type not in CONFIG_MAPPING:
+        raise HftuneError(f"unknown model_type '{args.model_type}'.{closest(args.model_type, CONFIG_MAPPING)}")
+    if not args.tokenizer_name:
+        raise HftuneError(f"model_type {args.model_type} starts without a tokenizer; set tokenizer_name "
+                          "(a Hub id, folder or asset).")
 
 
 @dataclass
 class TextFields:
     """Data fields of every task that reads text."""
 
-    text_column: str = field(default="text", metadata={"help": "Column holding the (first) text."})
+    text_column: str = field(
+        default=None,
+        metadata={"help": "Column holding the (first) text; several, comma-separated, are joined with a space. Default: "
+                          "detected (a GLUE pair such as sentence1/sentence2, text, sentence, or the only text column)."},
+    )
     max_seq_length: int = field(
         default=128, metadata={"help": "Longest tokenized input; longer texts are truncated."}
     )
@@ -77,10 +121,36 @@ def pretrained_source(model_args):
     return resolve_model(model_args.model_name_or_path), kwargs
 
 
+def processor_path(model_args, path):
+    """Where the tokenizer or image processor loads from: tokenizer_name, else the checkpoint."""
+    return resolve_model(model_args.tokenizer_name) if model_args.tokenizer_name else path
+
+
 def load_config(model_args, path, common, **task_settings):
-    """The checkpoint's config with the task's settings (labels, ...) and the user's dropout overrides."""
+    """The checkpoint's config (or config_name's, or model_type's default changed by config_overrides)
+    with the task's settings (labels, ...) and the user's dropout overrides."""
     from transformers import AutoConfig
 
     from hftune.training.regularization import apply_dropout_overrides
 
-    return apply_dropout_overrides(AutoConfig.from_pretrained(path, **task_settings, **common), model_args)
+    if model_args.model_type:
+        config = AutoConfig.for_model(model_args.model_type, **task_settings)
+        if model_args.config_overrides:
+            try:
+                config.update_from_string(model_args.config_overrides)
+            except ValueError as err:
+                raise HftuneError(f"config_overrides: {err}") from None
+            logger.info(f"model_type {model_args.model_type} with config_overrides {model_args.config_overrides}")
+    else:
+        source = resolve_model(model_args.config_name) if model_args.config_name else path
+        config = AutoConfig.from_pretrained(source, **task_settings, **common)
+    return apply_dropout_overrides(config, model_args)
+
+
+def load_weights(auto_class, model_args, path, config, **kwargs):
+    """The checkpoint's weights, or a new randomly initialised model of model_type (from scratch)."""
+    if model_args.model_type:
+        kwargs = {k: v for k, v in kwargs.items() if k in ("dtype", "trust_remote_code")}
+        logger.info(f"training a new {model_args.model_type} model from scratch (random weights)")
+        return auto_class.from_config(config, **kwargs)
+    return auto_class.from_pretrained(path, config=config, **kwargs)

@@ -1,6 +1,8 @@
 """image-classification: ResNet-style backbones (AutoModelForImageClassification) with a new
 head sized from the data. Images may be PIL images, file paths or bytes, grayscale or colour;
-labels ints, strings or an image folder's ClassLabel. Metric: accuracy.
+labels ints, strings or an image folder's ClassLabel (metric: accuracy), float scores (regression:
+MSE, RMSE, Pearson, Spearman) or lists of labels (multi-label: micro/macro-F1, subset accuracy), as
+hftune.tasks.labels detects them.
 
 Example:
     >>> from datasets import Dataset, DatasetDict
@@ -19,28 +21,35 @@ import numpy as np
 import PIL.Image
 import pyarrow as pa
 import torch
-from datasets import ClassLabel, Image
+from datasets import Image
 from transformers import AutoImageProcessor, AutoModelForImageClassification, DefaultDataCollator
 
-from hftune.data import class_names, is_stream, label_column_of, label_ids, limit_splits, require_columns
+from hftune.columns import detect_columns
+from hftune.data import is_stream, label_column_of, limit_splits, require_columns
 from hftune.errors import HftuneError
 from hftune.launch.gpu_defaults import channels_last
 from hftune.metrics import load_metric
 from hftune.tasks.common import TaskBundle, TaskTraits, load_config, pretrained_source
+from hftune.tasks.labels import SINGLE, LabelFields, check_label_config, check_label_features, detect_labels
 
 logger = logging.getLogger("hftune")
 
 
 @dataclass
-class DataFields:
+class DataFields(LabelFields):
     """image-classification's own data fields."""
 
     image_column: str = field(
-        default="image", metadata={"help": "Column holding images: PIL images, file paths or bytes."}
+        default=None,
+        metadata={"help": "Column holding images: PIL images, file paths or bytes (default: image or img, detected)."},
     )
 
 
 TRAITS = TaskTraits(auto_model="AutoModelForImageClassification", output="classes", inputs="image")
+
+
+def check_config(model_args, data_args, training_args):
+    check_label_config(model_args, data_args, training_args)
 
 
 class ImageTransform:
@@ -49,22 +58,21 @@ class ImageTransform:
     closure, so DataLoader workers started with spawn can unpickle it too.
 
     Example:
-        >>> transform = ImageTransform(processor, {"cat": 0, "dog": 1}, None)  # doctest: +SKIP
+        >>> transform = ImageTransform(processor, labels.encoder("train", dataset.features["label"]))  # doctest: +SKIP
         >>> transform({"pixel_values": [pil_image], "labels": ["dog"]})["labels"]  # doctest: +SKIP
         [1]
     """
 
-    def __init__(self, processor, to_id, split_names, split="train"):
+    def __init__(self, processor, encode):
         self.processor = processor
-        self.to_id = to_id  # class name -> id in the model's head
-        self.split_names = split_names  # this split's ClassLabel names (its ids may differ from train's), or None
-        self.split = split
+        # this split's labels -> the head's targets (hftune.tasks.labels.LabelEncoder: a ClassLabel's ids
+        # are mapped through its names, which may number the classes otherwise than train's)
+        self.encode = encode
 
     def __call__(self, batch):
         encoded = {"pixel_values": self.processor(batch["pixel_values"], return_tensors="pt")["pixel_values"]}
         if "labels" in batch:
-            names = [self.split_names[v] if self.split_names else v for v in batch["labels"]]
-            encoded["labels"] = label_ids(names, self.to_id, self.split)
+            encoded["labels"] = self.encode(batch["labels"])
         return encoded
 
 
@@ -118,7 +126,7 @@ def drop_unreadable_images(dataset, split, column):
     return dataset.select(i for i in range(len(dataset)) if i not in unreadable), len(bad)
 
 
-def prepare(dataset, split, data_args, processor, to_id):
+def prepare(dataset, split, data_args, processor, labels):
     """Keep only image and label, named as the model's forward() arguments: Trainer's
     remove_unused_columns then keeps them (it drops columns before the transform runs)."""
     image, label = data_args.image_column, data_args.label_column
@@ -126,24 +134,20 @@ def prepare(dataset, split, data_args, processor, to_id):
     columns = {image: "pixel_values"}
     if label in dataset.column_names:
         columns[label] = "labels"
-    feature = dataset.features.get(label)
-    split_names = list(feature.names) if isinstance(feature, ClassLabel) else None
+    encode = labels.encoder(split, dataset.features.get(label))
     dataset = dataset.select_columns(list(columns))
     dataset = dataset.rename_columns({old: new for old, new in columns.items() if old != new})
-    transform = ImageTransform(processor, to_id, split_names, split)
+    transform = ImageTransform(processor, encode)
     # A stream has no on-the-fly transform: its map runs lazily, batch by batch, as training reads it.
     return (dataset.map(transform, batched=True) if is_stream(dataset) else dataset.with_transform(transform)), skipped
 
 
-def load_model(model_args, names):
-    """Pretrained backbone + a new head with one output per class found in the data."""
+def load_model(model_args, labels):
+    """Pretrained backbone + a new head: one output per class or label found in the data, or one score."""
     path, common = pretrained_source(model_args)
     processor = AutoImageProcessor.from_pretrained(path, **common)
     # id2label alone sets num_labels; passing both makes transformers warn that they disagree.
-    config = load_config(
-        model_args, path, common, id2label=dict(enumerate(names)),
-        label2id={name: i for i, name in enumerate(names)},
-    )
+    config = load_config(model_args, path, common, **labels.head())
     # float32 master weights whatever the checkpoint's dtype (transformers 5 keeps bf16 ones as bf16).
     model = AutoModelForImageClassification.from_pretrained(
         path, config=config, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
@@ -153,31 +157,37 @@ def load_model(model_args, names):
 
 
 def build(model_args, data_args, raw):
+    raw = detect_columns(raw, data_args)  # unset columns (load_raw_datasets has found them already)
     for split, dataset in raw.items():
         require_columns(
             dataset, split, image_column=data_args.image_column,
             label_column=label_column_of(dataset, split, data_args.label_column),
         )
-    names = class_names(raw, data_args.label_column)
+    labels = detect_labels(raw, data_args.label_column, data_args.do_regression)
+    check_label_features(labels, model_args)
+    compute_metrics, main_metric = (accuracy_metric(), "eval_accuracy") if labels.kind == SINGLE else labels.metrics()
 
-    model, processor = load_model(model_args, names)
+    model, processor = load_model(model_args, labels)
     # The loss is a per-image mean that ignores `num_items_in_batch`; left True (inferred from
     # forward's **kwargs), Trainer would scale it by the world size under DDP.
     model.accepts_loss_kwargs = False
-    to_id = {name: i for i, name in enumerate(names)}
-    prepared = {split: prepare(ds, split, data_args, processor, to_id)
+    prepared = {split: prepare(ds, split, data_args, processor, labels)
                 for split, ds in limit_splits(raw, data_args).items()}
     skipped = {split: n for split, (_, n) in prepared.items()}
     prepared = {split: ds for split, (ds, _) in prepared.items()}
+    return TaskBundle(
+        model=model, processor=processor, train_dataset=prepared.get("train"),
+        eval_dataset=prepared.get("validation"), test_dataset=prepared.get("test"),
+        data_collator=DefaultDataCollator(), compute_metrics=compute_metrics,
+        main_metric=main_metric, pipeline_task="image-classification", skipped_rows=skipped,
+    )
+
+
+def accuracy_metric():
     accuracy = load_metric("accuracy")
 
     def compute_metrics(eval_pred):
         predictions = np.argmax(eval_pred.predictions, axis=-1)
         return accuracy.compute(predictions=predictions, references=eval_pred.label_ids)
 
-    return TaskBundle(
-        model=model, processor=processor, train_dataset=prepared.get("train"),
-        eval_dataset=prepared.get("validation"), test_dataset=prepared.get("test"),
-        data_collator=DefaultDataCollator(), compute_metrics=compute_metrics,
-        main_metric="eval_accuracy", pipeline_task="image-classification", skipped_rows=skipped,
-    )
+    return compute_metrics

@@ -1,23 +1,24 @@
 """text-classification: BERT-style encoders (AutoModelForSequenceClassification) on single
-texts or text pairs, with integer or string labels; metrics accuracy and macro-F1."""
+texts or text pairs. Integer or string labels: single-label classes, metrics accuracy and macro-F1;
+float scores: regression, metrics MSE, RMSE, Pearson, Spearman; lists of labels: multi-label
+classification, metrics micro/macro-F1 and subset accuracy (hftune.tasks.labels)."""
 
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from datasets import ClassLabel
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
 from hftune.compression.adapters import quantized_loading
-from hftune.data import (
-    apply_batched, check_not_empty, class_names, drop_empty_texts, label_column_of, label_ids, limit_splits, require_columns,
-)
+from hftune.columns import detect_columns
+from hftune.data import apply_batched, check_not_empty, drop_empty_texts, label_column_of, limit_splits, require_columns
 from hftune.metrics import load_metric
 from hftune.tasks.common import TaskBundle, TaskTraits, TextFields, load_config, pretrained_source
+from hftune.tasks.labels import SINGLE, LabelFields, check_label_config, check_label_features, detect_labels
 
 
 @dataclass
-class DataFields(TextFields):
+class DataFields(TextFields, LabelFields):
     """text-classification's own data fields."""
 
     text_pair_column: str = field(
@@ -29,14 +30,16 @@ TRAITS = TaskTraits(auto_model="AutoModelForSequenceClassification", output="cla
                     peft_task_type="SEQ_CLS")
 
 
-def load_model(model_args, names):
-    """Pretrained encoder + a new head with one output per class name."""
+def check_config(model_args, data_args, training_args):
+    check_label_config(model_args, data_args, training_args)
+
+
+def load_model(model_args, labels):
+    """Pretrained encoder + a new head: one output per class or label name, or one score (regression)."""
     path, common = pretrained_source(model_args)
     tokenizer = AutoTokenizer.from_pretrained(path, **common)
-    config = load_config(
-        model_args, path, common, num_labels=len(names), id2label=dict(enumerate(names)),
-        label2id={name: i for i, name in enumerate(names)},
-    )
+    head = labels.head() if labels.kind != SINGLE else dict(num_labels=len(labels.names), **labels.head())
+    config = load_config(model_args, path, common, **head)
     # float32 master weights whatever the checkpoint's dtype (transformers 5 keeps bf16 ones as bf16).
     model = AutoModelForSequenceClassification.from_pretrained(
         path, config=config, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
@@ -48,29 +51,25 @@ def load_model(model_args, names):
     return model, tokenizer
 
 
-def tokenize_splits(raw, tokenizer, data_args, names):
-    """input_ids (+ pair segments) and `labels` as ids 0..n-1: cached by datasets per split, or
-    lazily as training reads a streamed train split."""
+def tokenize_splits(raw, tokenizer, data_args, labels):
+    """input_ids (+ pair segments) and `labels` (class ids 0..n-1, scores, or multi-hot vectors):
+    cached by datasets per split, or lazily as training reads a streamed train split."""
     limit = tokenizer.model_max_length
     max_length = min(data_args.max_seq_length or limit, limit)
     text, pair, label = data_args.text_column, data_args.text_pair_column, data_args.label_column
-    to_id = {name: i for i, name in enumerate(names)}
 
-    def preprocess(batch, label_feature, split):
+    def preprocess(batch, encode):
         first = [t if t is not None else "" for t in batch[text]]
         second = [t if t is not None else "" for t in batch[pair]] if pair else None
         encoded = tokenizer(first, second, truncation=True, max_length=max_length)
-        if label in batch:  # labels arrive as ints, strings or ClassLabel ids: map through their names
-            values = batch[label]
-            if isinstance(label_feature, ClassLabel):
-                values = label_feature.int2str(values)
-            encoded["labels"] = label_ids(values, to_id, split)
+        if label in batch:  # ints, strings or ClassLabel ids (through their names), scores or lists of them
+            encoded["labels"] = encode(batch[label])
         return encoded
 
     return {
         split: apply_batched(ds, "map", preprocess, num_proc=data_args.preprocessing_num_workers,
                              desc=f"tokenizing {split}", remove_columns=ds.column_names,
-                             fn_kwargs={"label_feature": ds.features.get(label), "split": split})
+                             fn_kwargs={"encode": labels.encoder(split, ds.features.get(label))})
         for split, ds in raw.items()
     }
 
@@ -89,6 +88,7 @@ def accuracy_and_macro_f1():
 
 
 def build(model_args, data_args, raw):
+    raw = detect_columns(raw, data_args)  # unset columns (load_raw_datasets has found them already)
     for split, dataset in raw.items():
         require_columns(
             dataset, split, text_column=data_args.text_column, text_pair_column=data_args.text_pair_column,
@@ -101,13 +101,16 @@ def build(model_args, data_args, raw):
                 raw[split], split, [data_args.text_column, data_args.text_pair_column],
                 num_proc=data_args.preprocessing_num_workers)
             check_not_empty(raw[split], split)
-    names = class_names(raw, data_args.label_column)
+    labels = detect_labels(raw, data_args.label_column, data_args.do_regression)
+    check_label_features(labels, model_args)
+    compute_metrics, main_metric = (accuracy_and_macro_f1(), "eval_accuracy") if labels.kind == SINGLE \
+        else labels.metrics()
 
-    model, tokenizer = load_model(model_args, names)
-    tokenized = tokenize_splits(limit_splits(raw, data_args), tokenizer, data_args, names)
+    model, tokenizer = load_model(model_args, labels)
+    tokenized = tokenize_splits(limit_splits(raw, data_args), tokenizer, data_args, labels)
     return TaskBundle(
         model=model, processor=tokenizer, train_dataset=tokenized.get("train"),
         eval_dataset=tokenized.get("validation"), test_dataset=tokenized.get("test"),
-        data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=accuracy_and_macro_f1(),
-        main_metric="eval_accuracy", pipeline_task="text-classification", skipped_rows=skipped,
+        data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=compute_metrics,
+        main_metric=main_metric, pipeline_task="text-classification", skipped_rows=skipped,
     )

@@ -41,11 +41,14 @@ class BaseTrainingArguments(TrainingArguments):
     # Not an option: the settings hftune chose for this machine (hftune.launch.gpu_defaults), left out of the
     # resolved config so a re-run elsewhere chooses again.
     machine_defaults: tuple = field(default=(), init=False, repr=False)
+    # Not an option either: what the run is built on (a recipe, the demo or the defaults), logged at set-up.
+    config_base: str = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         check_ranges(self, TRAINING_RANGES)  # before anything computes with a NaN, a negative or a null
         check_something_to_do(self)
         check_optimizer_name(self.optim)
+        check_no_effect(self)
         for check in self.feature_checks:  # before TrainingArguments' own checks, which need DeepSpeed installed
             check(self)
         optim, schedule = self.optim, self.lr_scheduler_type
@@ -69,6 +72,28 @@ class BaseTrainingArguments(TrainingArguments):
             self.optim = optim
         if schedule not in HF_SCHEDULES:
             self.lr_scheduler_type = schedule
+
+
+# field -> (the switch it depends on, the switch's values that use it). Set (to other than its default)
+# while the switch says otherwise, it would do nothing: refused, as every other field without effect.
+DEPENDS_ON = {
+    "save_steps": ("save_strategy", ("steps",)),
+    "save_total_limit": ("save_strategy", ("steps", "epoch", "best")),
+    "save_only_model": ("save_strategy", ("steps", "epoch", "best")),
+    "eval_steps": ("eval_strategy", ("steps",)),
+    "eval_delay": ("eval_strategy", ("steps", "epoch")),
+    "logging_steps": ("logging_strategy", ("steps",)),
+    "logging_first_step": ("logging_strategy", ("steps", "epoch")),
+}
+
+
+def check_no_effect(args):
+    defaults = type(args).__dataclass_fields__
+    for name, (switch, using) in DEPENDS_ON.items():
+        value, mode = getattr(args, name), str(getattr(args, switch))
+        mode = getattr(getattr(args, switch), "value", mode)  # an enum given in Python
+        if value != defaults[name].default and mode not in using:
+            raise HftuneError(f"{name} has no effect with {switch} '{mode}'; set {switch}: {using[0]}, or drop {name}.")
 
 
 def check_report_to(report_to):

@@ -1,0 +1,107 @@
+"""Which columns hold the text, the text pair, the label and the image, where the config leaves
+them unset: found as run_glue.py and run_classification.py find them, logged, written to the
+resolved config. An explicit setting always wins; more than one candidate is an error asking for it.
+`text_column: a,b` (run_classification.py's `text_column_names`) joins several columns with a space.
+
+Example:
+    >>> detect_columns(raw, data_args)  # doctest: +SKIP
+    columns: text_column=sentence1, text_pair_column=sentence2, label_column=label (detected)
+"""
+
+import logging
+from dataclasses import fields
+
+from hftune.errors import HftuneError
+from hftune.tasks import get_task, traits
+
+logger = logging.getLogger("hftune")
+
+TEXT_PAIRS = (("sentence1", "sentence2"), ("question", "sentence"), ("question1", "question2"),
+              ("premise", "hypothesis"))
+TEXTS = ("text", "sentence")
+LABELS = ("label", "labels")
+IMAGES = ("image", "img")
+
+
+def reads(data_args, name):
+    """Whether the run's task reads data field `name` (without a task: every field, found where present)."""
+    if data_args.task is None:
+        return hasattr(data_args, name)
+    return name in {f.name for f in fields(get_task(data_args.task).DataFields)}
+
+
+def needs_labels(data_args):
+    return data_args.task is None or traits(data_args.task).output == "classes"
+
+
+def _required(data_args, key, value, candidates, columns):
+    """A column a task needs and none was found: an error; without a task (data loaded on its own): None."""
+    if value is None and data_args.task is not None:
+        raise HftuneError(f"no {key.split('_')[0]} column ({' or '.join(candidates)}) among {list(columns)}; "
+                          f"set {key}.")
+    return value
+
+
+def _one_of(candidates, columns):
+    found = [c for c in candidates if c in columns]
+    return found[0] if found else None
+
+
+def _text(columns, label):
+    """The one text column of a table: text/sentence, else the only other string column."""
+    known = _one_of(TEXTS, columns)
+    if known:
+        return known
+    others = [name for name, kind in columns.items() if name != label and kind == "string"]
+    if len(others) == 1:
+        return others[0]
+    if not others:
+        raise HftuneError(f"no text column found among {list(columns)}; set text_column.")
+    raise HftuneError(f"several text columns {others}: set text_column to one, or to '{','.join(others)}' "
+                      "to join them (run_classification.py's text_column_names).")
+
+
+def _string_columns(dataset):
+    """column -> "string" for text columns, else its dtype (None for lists, images, ...)."""
+    kinds = {name: getattr(feature, "dtype", None) for name, feature in dataset.features.items()}
+    return {name: "string" if kind in ("string", "large_string") else kind for name, kind in kinds.items()}
+
+
+def detect_columns(raw, data_args):
+    """Fill data_args' unset column fields from the train split's columns; log what was found."""
+    columns = _string_columns(raw["train"])
+    found = {}
+    if needs_labels(data_args) and data_args.label_column is None:
+        found["label_column"] = _required(data_args, "label_column", _one_of(LABELS, columns), LABELS, columns)
+    label = found.get("label_column", data_args.label_column)
+    if reads(data_args, "text_column") and data_args.text_column is None:
+        pair = next((p for p in TEXT_PAIRS if all(c in columns for c in p)), None)
+        if pair and reads(data_args, "text_pair_column") and data_args.text_pair_column is None:
+            found["text_column"], found["text_pair_column"] = pair
+        elif data_args.task is not None or any(c in columns for c in TEXTS):
+            found["text_column"] = _text(columns, label)
+    if reads(data_args, "image_column") and data_args.image_column is None:
+        found["image_column"] = _required(data_args, "image_column", _one_of(IMAGES, columns), IMAGES, columns)
+    found = {key: value for key, value in found.items() if value is not None}
+    for key, value in found.items():
+        setattr(data_args, key, value)
+    if found:
+        logger.info("columns: " + ", ".join(f"{k}={v}" for k, v in found.items()) + " (detected; set them to change)")
+    return join_text_columns(raw, data_args)
+
+
+def join_text_columns(raw, data_args):
+    """`text_column: a,b`: a column of that name holding a and b joined with a space, in every split."""
+    names = (data_args.text_column or "").split(",") if reads(data_args, "text_column") else []
+    if len(names) < 2:
+        return raw
+    joined = data_args.text_column
+    for split, dataset in raw.items():
+        missing = [n for n in names if n not in dataset.column_names]
+        if missing:
+            raise HftuneError(f"text_column '{joined}': {missing} not among the {split} split's columns "
+                              f"{dataset.column_names}.")
+        raw[split] = dataset.map(
+            lambda batch: {joined: [" ".join("" if t is None else str(t) for t in row)
+                                    for row in zip(*(batch[n] for n in names))]}, batched=True)
+    return raw

@@ -1,0 +1,91 @@
+"""The task, when the config does not name it: inferred where it is unambiguous, from the
+checkpoint (what its architecture is for) and from the data (a .txt corpus, an image folder).
+An explicit `task` always wins; two answers that disagree, or none, are an error asking for `task`.
+
+What a task takes follows from its TaskTraits: a language-model head and a .txt corpus (no labels)
+for a task whose output is tokens, a vision checkpoint and an image folder for one whose inputs are
+images, another text model for the rest.
+
+Example:
+    >>> infer_task(ModelArguments(model_name_or_path="openai-community/gpt2"), DataArguments(train_file="a.txt"))  # doctest: +SKIP
+    ('causal-lm', "the checkpoint's architecture GPT2LMHeadModel and train_file a.txt")
+"""
+
+import os
+
+from hftune.assets import resolve_model
+from hftune.errors import HftuneError
+from hftune.tasks import TASKS, traits
+
+
+def checkpoint_config(model_args):
+    from transformers import AutoConfig
+
+    if model_args.model_type:
+        return AutoConfig.for_model(model_args.model_type)
+    try:
+        return AutoConfig.from_pretrained(
+            resolve_model(model_args.model_name_or_path), revision=model_args.model_revision,
+            cache_dir=model_args.cache_dir, trust_remote_code=model_args.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise HftuneError(f"task is not set and the config of model_name_or_path '{model_args.model_name_or_path}' "
+                          f"cannot be read to infer it ({str(err).splitlines()[0]}); set task.") from None
+
+
+def checkpoint_kind(config):
+    """('lm' | 'image' | 'text' | None, what it was read from): a language-model head for generation,
+    a vision model, another text model."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    architectures = config.architectures or []
+    source = f"the checkpoint's architecture {', '.join(architectures)}" if architectures else \
+        f"model_type {config.model_type}"
+    if not hasattr(config, "vocab_size") and config.model_type in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES:
+        return "image", source
+    if architectures:
+        is_lm = any(a in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for a in architectures)
+    else:  # a config without weights (model_type): decoder-only families have no masked-LM head
+        is_lm = config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and \
+            config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    if is_lm:
+        return "lm", source
+    return ("text", source) if hasattr(config, "vocab_size") else (None, source)
+
+
+def data_kind(data_args):
+    """('.txt' | 'folder' | None, what it was read from), from the training data's file."""
+    path = data_args.train_file
+    if not path:
+        return None, None
+    if os.path.isdir(path):
+        return "folder", f"train_file {path} (a folder)"
+    suffix = os.path.splitext(path)[1].lower()
+    return (suffix, f"train_file {os.path.basename(path)}") if suffix == ".txt" else (None, None)
+
+
+def takes(task_traits):
+    """(the checkpoint kind, the data file kinds) a task with these traits takes."""
+    if task_traits.output == "tokens":
+        return "lm", (".txt",)
+    if task_traits.inputs == "image":
+        return "image", ("folder",)
+    return "text", ()
+
+
+def infer_task(model_args, data_args):
+    """(task, why) for a config that names none."""
+    kind, model_source = checkpoint_kind(checkpoint_config(model_args))
+    by_model = {name for name in TASKS if takes(traits(name))[0] == kind}
+    files, data_source = data_kind(data_args)
+    by_data = {name for name in TASKS if files in takes(traits(name))[1]}
+    if by_data and by_model and not by_model & by_data:
+        raise HftuneError(f"task is not set, and {model_source} suggests {' or '.join(sorted(by_model))} while "
+                          f"{data_source} suggests {' or '.join(sorted(by_data))}; set task.")
+    candidates = (by_model & by_data) or by_data or by_model
+    if len(candidates) != 1:
+        found = f"could be {' or '.join(sorted(candidates))}" if candidates else "fits no task"
+        raise HftuneError(f"task is not set and {model_source} {found}; set task ({', '.join(TASKS)}).")
+    why = " and ".join(s for s, c in ((model_source, by_model), (data_source, by_data)) if c)
+    return candidates.pop(), why
