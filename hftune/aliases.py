@@ -47,6 +47,9 @@ UNSUPPORTED = {
     "text_column_delimiter": "hftune joins the columns of text_column_names with a space; drop it",
     "remove_splits": "hftune reads only the train, validation and test splits; drop remove_splits",
     "remove_columns": "hftune reads only the columns it is told or detects; drop remove_columns",
+    "metric_name": "hftune computes every metric of the task (accuracy and macro-F1; MSE, RMSE, Pearson and "
+                   "Spearman for regression; micro/macro-F1 and subset accuracy for multi-label); choose the one "
+                   "that selects checkpoints with metric_for_best_model",
 }
 
 

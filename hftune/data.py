@@ -58,6 +58,10 @@ class BaseDataArguments:
         metadata={"help": "Percent of train held out for validation when no validation split is given."},
     )
     preprocessing_num_workers: int = field(default=None, metadata={"help": "Processes used by datasets.map."})
+    shuffle_train_dataset: bool = field(
+        default=False, metadata={"help": "Shuffle the train split (with seed) before max_train_samples takes its "
+                                         "first rows (run_classification.py's option)."},
+    )
     streaming: bool = field(
         default=False,
         metadata={"help": "Read the training data as a stream (datasets IterableDataset) instead of loading it; "
@@ -128,6 +132,8 @@ def _load(data_args, cache_dir):
         )
     if builder == "csv" and any(Path(p).suffix.lower() == ".tsv" for p in files.values()):
         common["delimiter"] = "\t"
+    if builder == "text":
+        common["keep_linebreaks"] = getattr(data_args, "keep_linebreaks", True)
     try:
         return load_dataset(builder, data_files=files, **common)
     except DatasetGenerationCastError:
@@ -231,6 +237,8 @@ def load_raw_datasets(data_args, seed=42, cache_dir=None, keep_test=False):
             raise HftuneError("the data has no train split; set train_file, or a dataset_name that has one.")
         raw = _read_streams(raw, data_args) if data_args.streaming else DatasetDict(raw)
     raw = _carve_validation(raw, data_args.validation_split_percentage, seed)
+    if data_args.shuffle_train_dataset and not is_stream(raw["train"]):
+        raw["train"] = raw["train"].shuffle(seed=seed)
     raw = detect_columns(raw, data_args)
     _unlabel_test(raw, data_args.label_column)
     for split, dataset in raw.items():

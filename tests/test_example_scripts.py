@@ -213,3 +213,33 @@ def test_run_clm_from_scratch_with_block_size_runs_as_written(tiny_gpt, corpus_t
 def test_training_from_scratch_refusals(capsys, argv, error):
     assert error in fail(capsys, argv + ["--output_dir", "/tmp/hftune-unused"])
 
+
+
+def test_pad_to_max_length_keep_linebreaks_and_shuffle_train_dataset(tiny_bert, corpus_txt, tweets_csv):
+    from transformers import AutoTokenizer
+
+    from hftune.config import DataArguments
+    from hftune.tasks.text_classification import collator
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    rows = [tokenizer("short"), tokenizer("a somewhat longer text than that")]
+    for pad, width in ((False, len(rows[1]["input_ids"])), (True, 48)):
+        data = DataArguments(task="text-classification", max_seq_length=48, pad_to_max_length=pad)
+        assert collator(tokenizer, data)(rows)["input_ids"].shape == (2, width)
+
+    for keep in (True, False):
+        raw = load_raw_datasets(DataArguments(task="causal-lm", train_file=str(corpus_txt), keep_linebreaks=keep,
+                                              validation_split_percentage=0))
+        assert raw["train"][0]["text"].endswith("\n") == keep
+
+    train = str(tweets_csv[0])
+    plain = load_raw_datasets(DataArguments(train_file=train, label_column="sentiment", validation_split_percentage=0))
+    mixed = load_raw_datasets(DataArguments(train_file=train, label_column="sentiment", validation_split_percentage=0,
+                                            shuffle_train_dataset=True))
+    assert plain["train"]["text"] != mixed["train"]["text"]
+    assert sorted(plain["train"]["text"]) == sorted(mixed["train"]["text"])
+
+
+def test_metric_name_is_refused_with_what_to_use():
+    with pytest.raises(HftuneError, match="metric_name is an HF example-script option .* metric_for_best_model"):
+        parse("--metric_name", "accuracy")

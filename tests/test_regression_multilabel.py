@@ -173,6 +173,7 @@ def test_evaluating_the_regression_model_on_classes_is_refused(text_regression, 
     assert "has a head for regression, the data asks for single-label classes" in error
 
 
+@pytest.mark.slow
 def test_text_multi_label_learns_the_tags(bert, tagged, tmp_path):
     train, validation = write_splits(tagged, tmp_path, ["text", "tags"], "jsonl")
     out = tmp_path / "out"
@@ -238,6 +239,7 @@ def square_images(folder, count, kind, seed):
 
 
 @pytest.mark.parametrize("kind", ["multi-label", "regression"])
+@pytest.mark.slow
 def test_image_regression_and_multi_label_learn(kind, resnet, tmp_path):
     frames = square_images(tmp_path, 160, kind, seed=0), square_images(tmp_path, 64, kind, seed=1)
     train, validation = tmp_path / "train.jsonl", tmp_path / "validation.jsonl"

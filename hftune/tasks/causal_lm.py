@@ -70,6 +70,9 @@ class DataFields(TextFields):
             "model keeps the texts apart exactly, else padded batches; false: always pad."
         },
     )
+    keep_linebreaks: bool = field(
+        default=True, metadata={"help": "A .txt train_file: keep each line's line break in its text (run_clm.py's)."}
+    )
     isolate_texts: bool = field(
         default=None,
         metadata={

@@ -24,6 +24,10 @@ class DataFields(TextFields, LabelFields):
     text_pair_column: str = field(
         default=None, metadata={"help": "Column holding the second text of a pair (text-classification)."}
     )
+    pad_to_max_length: bool = field(
+        default=False, metadata={"help": "Pad every text to max_seq_length (run_glue.py's option; the default pads "
+                                         "each batch to its longest text: same results, less compute)."},
+    )
 
 
 TRAITS = TaskTraits(auto_model="AutoModelForSequenceClassification", output="classes", inputs="text",
@@ -87,6 +91,13 @@ def accuracy_and_macro_f1():
     return compute_metrics
 
 
+def collator(tokenizer, data_args):
+    if not data_args.pad_to_max_length:
+        return DataCollatorWithPadding(tokenizer)
+    max_length = min(data_args.max_seq_length or tokenizer.model_max_length, tokenizer.model_max_length)
+    return DataCollatorWithPadding(tokenizer, padding="max_length", max_length=max_length)
+
+
 def build(model_args, data_args, raw):
     raw = detect_columns(raw, data_args)  # unset columns (load_raw_datasets has found them already)
     for split, dataset in raw.items():
@@ -111,6 +122,6 @@ def build(model_args, data_args, raw):
     return TaskBundle(
         model=model, processor=tokenizer, train_dataset=tokenized.get("train"),
         eval_dataset=tokenized.get("validation"), test_dataset=tokenized.get("test"),
-        data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=compute_metrics,
+        data_collator=collator(tokenizer, data_args), compute_metrics=compute_metrics,
         main_metric=main_metric, pipeline_task="text-classification", skipped_rows=skipped,
     )
