@@ -18,18 +18,24 @@ from hftune.errors import HftuneError
 from hftune.tasks import TASKS, traits
 
 
+DEFAULT_TASK = "text-classification"  # where the checkpoint cannot be read: loading it names the problem later
+
+
 def checkpoint_config(model_args):
+    """The checkpoint's config, or None where it cannot be read (missing, not a model): the model
+    loading reports that in its own words."""
     from transformers import AutoConfig
 
     if model_args.model_type:
         return AutoConfig.for_model(model_args.model_type)
+    if not model_args.model_name_or_path:
+        return None
     try:
         return AutoConfig.from_pretrained(
             resolve_model(model_args.model_name_or_path), revision=model_args.model_revision,
             cache_dir=model_args.cache_dir, trust_remote_code=model_args.trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise HftuneError(f"task is not set and the config of model_name_or_path '{model_args.model_name_or_path}' "
-                          f"cannot be read to infer it ({str(err).splitlines()[0]}); set task.") from None
+    except (OSError, ValueError, HftuneError):
+        return None
 
 
 def checkpoint_kind(config):
@@ -76,7 +82,8 @@ def takes(task_traits):
 
 def infer_task(model_args, data_args):
     """(task, why) for a config that names none."""
-    kind, model_source = checkpoint_kind(checkpoint_config(model_args))
+    config = checkpoint_config(model_args)
+    kind, model_source = checkpoint_kind(config) if config is not None else (None, None)
     by_model = {name for name in TASKS if takes(traits(name))[0] == kind}
     files, data_source = data_kind(data_args)
     by_data = {name for name in TASKS if files in takes(traits(name))[1]}
@@ -84,6 +91,8 @@ def infer_task(model_args, data_args):
         raise HftuneError(f"task is not set, and {model_source} suggests {' or '.join(sorted(by_model))} while "
                           f"{data_source} suggests {' or '.join(sorted(by_data))}; set task.")
     candidates = (by_model & by_data) or by_data or by_model
+    if config is None and not candidates:
+        return DEFAULT_TASK, "nothing (the default; the checkpoint's config could not be read)"
     if len(candidates) != 1:
         found = f"could be {' or '.join(sorted(candidates))}" if candidates else "fits no task"
         raise HftuneError(f"task is not set and {model_source} {found}; set task ({', '.join(TASKS)}).")
