@@ -37,8 +37,8 @@ def needs_labels(data_args):
 def _required(data_args, key, value, candidates, columns):
     """A column a task needs and none was found: an error; without a task (data loaded on its own): None."""
     if value is None and data_args.task is not None:
-        raise HftuneError(f"no {key.split('_')[0]} column ({' or '.join(candidates)}) among {list(columns)}; "
-                          f"set {key}.")
+        raise HftuneError(f"no {key.split('_')[0]} column ({' or '.join(candidates)}) among the train split's "
+                          f"columns {list(columns)}; set {key}.")
     return value
 
 

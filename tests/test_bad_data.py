@@ -83,7 +83,7 @@ def test_non_utf8_file_names_file_and_line(capsys, run, tmp_path):
 def test_a_file_missing_the_label_column_names_key_and_split(capsys, run, tmp_path):
     """train.csv lacks the column validation.csv has: datasets' cast error becomes the column's key."""
     line = failed_cleanly(capsys, run, write_csv(tmp_path / "t.csv", text=TEXTS))
-    assert "label_column 'label' is not a column of the train split" in line
+    assert "no label column (label or labels) among the train split's columns ['text']; set label_column" in line
 
 
 def test_header_only_split(capsys, run, tmp_path):

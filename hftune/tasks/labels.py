@@ -141,7 +141,7 @@ def detect_labels(raw, label_column, do_regression=None):
                           "(multi-label classification); drop do_regression.")
     if lists:
         return Labels(MULTI, _multi_label_names(raw, label_column), label_column)
-    if do_regression or (do_regression is None and _is_float(feature)):
+    if do_regression or (do_regression is None and _is_score(raw["train"], label_column, feature)):
         _check_regression(raw, label_column, feature)
         return Labels(REGRESSION, [], label_column)
     if do_regression is False and _is_float(feature):
@@ -152,6 +152,15 @@ def detect_labels(raw, label_column, do_regression=None):
 
 def _is_float(feature):
     return isinstance(feature, Value) and feature.dtype in ("float16", "float32", "float64")
+
+
+def _is_score(dataset, column, feature):
+    """Float labels that are not all whole numbers: an integer class column with an empty cell is
+    read as floats (NaN there) and stays classes (its empty label is then named by row)."""
+    if not _is_float(feature) or is_stream(dataset):
+        return _is_float(feature)
+    values = [v for v in dataset.unique(column) if v is not None and not math.isnan(v)]
+    return not values or any(not float(v).is_integer() for v in values)
 
 
 def _is_list_feature(feature):
