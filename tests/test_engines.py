@@ -14,7 +14,7 @@ STRATEGIES = {
         optim="sgd", optim_args="momentum=0.9,nesterov=True", learning_rate=0.05, lr_scheduler_type="cosine",
         lr_scheduler_kwargs='{"min_lr": 0.005}', warmup_steps=4, gradient_accumulation_steps=2,
         per_device_train_batch_size=8, l1_lambda=1e-4, l2_lambda=1e-3, max_grad_value=0.05,
-        max_grad_norm=0.5, max_grad_norm_type="inf", label_smoothing_factor=0.1,
+        max_grad_norm=0.5, max_grad_norm_type="inf", label_smoothing_factor=0.1, weight_decay=0.01,
     ),
     "bf16-autocast": dict(bf16="true", optim="adamw", lr_scheduler_type="exponential",
                           lr_scheduler_kwargs='{"gamma": 0.9}'),
