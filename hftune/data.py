@@ -133,7 +133,7 @@ def _load(data_args, cache_dir):
     if builder == "csv" and any(Path(p).suffix.lower() == ".tsv" for p in files.values()):
         common["delimiter"] = "\t"
     if builder == "text":
-        common["keep_linebreaks"] = getattr(data_args, "keep_linebreaks", True)
+        common["keep_linebreaks"] = getattr(data_args, "keep_linebreaks", False)
     try:
         return load_dataset(builder, data_files=files, **common)
     except DatasetGenerationCastError:

@@ -71,7 +71,8 @@ class DataFields(TextFields):
         },
     )
     keep_linebreaks: bool = field(
-        default=True, metadata={"help": "A .txt train_file: keep each line's line break in its text (run_clm.py's)."}
+        default=False, metadata={"help": "A .txt train_file: keep each line's line break in its text (run_clm.py's "
+                                         "option; its default is true, hftune's stays datasets' false)."}
     )
     isolate_texts: bool = field(
         default=None,
