@@ -97,6 +97,8 @@ def join_text_columns(raw, data_args):
         return raw
     joined = data_args.text_column
     for split, dataset in raw.items():
+        if joined in dataset.column_names:  # joined already (load_raw_datasets, then the task's build)
+            continue
         missing = [n for n in names if n not in dataset.column_names]
         if missing:
             raise HftuneError(f"text_column '{joined}': {missing} not among the {split} split's columns "
