@@ -155,6 +155,28 @@ def smollm2():
     return cached_build(f"SmolLM2-135M-Instruct-{version}", _gguf_to_checkpoint(gguf_path))
 
 
+TWEET_QUESTION = "Is the sentiment of this tweet positive, negative or neutral? Answer with one word."
+
+
+def _tweet_chat(folder):
+    """The tweets as conversations: the system asks for the sentiment, the user gives the tweet,
+    the assistant answers with its label (one word)."""
+    from datasets import load_dataset
+
+    tweets = ASSETS["tweet-sentiment"]
+    rows = load_dataset("csv", data_files=tweets.locate(), split="train", **tweets.builder_kwargs)
+    rows = rows.map(lambda row: {"messages": [
+        {"role": "system", "content": TWEET_QUESTION},
+        {"role": "user", "content": row["text"]},
+        {"role": "assistant", "content": row["sentiment"]},
+    ]}, remove_columns=rows.column_names)
+    rows.to_parquet(str(folder / "train.parquet"))
+
+
+def tweet_chat():
+    return cached_build("tweet-sentiment-chat", _tweet_chat) + "/train.parquet"
+
+
 @dataclass(frozen=True)
 class Asset:
     kind: str  # "model" or "dataset"
@@ -180,6 +202,12 @@ ASSETS = {
         # The file mixes encodings; undecodable bytes become U+FFFD instead of aborting the load.
         builder_kwargs={"encoding_errors": "replace"},
         rename_columns={"sentiment": "label"},
+    ),
+    "tweet-sentiment-chat": Asset(
+        kind="dataset",
+        locate=tweet_chat,
+        description="The tweet-sentiment corpus as chat (messages): a system question, the tweet, a one-word answer.",
+        builder="parquet",
     ),
     "resnet-18-untrained": Asset(
         kind="model",

@@ -13,6 +13,7 @@ Example:
 """
 
 import logging
+import math
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -168,6 +169,10 @@ def _carve_validation(raw, percentage, seed):
             "validation_split_percentage cannot carve a validation split out of a stream (streaming: true); give one "
             "(validation_file, or a dataset_name that has one), or set validation_split_percentage: 0."
         )
+    rows = len(raw["train"])
+    if not 1 <= math.ceil(rows * percentage / 100) < rows:  # datasets' ValueError otherwise (it rounds up)
+        raise HftuneError(f"validation_split_percentage {percentage} of the {rows} train row(s) leaves no validation or "
+                          "no train row; add rows, give a validation_file, or set validation_split_percentage: 0.")
     split = raw["train"].train_test_split(test_size=percentage / 100, seed=seed)
     raw["train"], raw["validation"] = split["train"], split["test"]
     return raw

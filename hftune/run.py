@@ -28,7 +28,7 @@ from hftune.data import check_streaming, is_stream, load_raw_datasets
 from hftune.compression.distillation import load_teacher
 from hftune.engines import build_engine
 from hftune.errors import HftuneError
-from hftune.launch.gpu_defaults import log_bf16_default
+from hftune.launch.gpu_defaults import log_bf16_default, warn_slow_cpu_bf16
 from hftune.launch.threads import use_all_cores
 from hftune.results.hub import push_results
 from hftune.launch.checks import check_world_size
@@ -129,6 +129,7 @@ def setup(model_args, data_args, training_args):
         logger.info(threads)
     if "bf16" in training_args.machine_defaults:
         log_bf16_default()
+    warn_slow_cpu_bf16(training_args)
     check_world_size(training_args)
     check_inputs(model_args, data_args, training_args)
     task = get_task(data_args.task)
@@ -178,6 +179,7 @@ def train(trainer, bundle, training_args, checkpoint):
             metrics["train_samples"] = len(bundle.train_dataset)
         # rows dropped as unusable (empty text, unreadable image): train_skipped_rows, validation_skipped_rows
         metrics.update({f"{split}_skipped_rows": n for split, n in (bundle.skipped_rows or {}).items() if n})
+        metrics.update(bundle.data_counts or {})
         trainer.log_metrics("train", metrics)
         trainer.save_metrics("train", metrics)
         trainer.save_state()
@@ -185,7 +187,7 @@ def train(trainer, bundle, training_args, checkpoint):
     # do_predict reports the metrics of a labelled split itself: one pass when both name the same split
     if training_args.do_eval and split_dataset(bundle, eval_split) is not None and not (
             training_args.do_predict and predict_split == eval_split):
-        metrics.update(evaluate(trainer, split_dataset(bundle, eval_split), eval_split))
+        metrics.update(evaluate(trainer, split_dataset(bundle, eval_split), eval_split, bundle))
     if training_args.do_predict:
         metrics.update(predict(trainer, bundle, training_args))
     if training_args.quantize and trainer.is_world_process_zero():
@@ -231,6 +233,14 @@ def main(argv=None):
         from hftune.launch.plan import main as plan
 
         return plan(argv[1:])
+    if argv[:1] == ["inspect"]:  # `hftune inspect --config recipe.yaml`: the sft label audit, no model weights
+        from hftune.tasks.chat_audit import main as inspect
+
+        try:
+            return inspect(argv[1:])
+        except HftuneError as err:
+            print(f"hftune: error: {err}", file=sys.stderr)
+            sys.exit(2)
     if argv[:1] == ["evaluate"]:  # `hftune evaluate --config recipe.yaml --model_name_or_path DIR [--eval_split S]`
         argv = ["--do_train=false", "--do_eval=true", *argv[1:]]  # the user's own flags still win
     try:

@@ -183,6 +183,25 @@ def test_run_glue_mrpc_command_runs_as_written(tiny_bert, pairs_csv, tmp_path):
     assert (resolved["text_column"], resolved["text_pair_column"]) == ("sentence1", "sentence2")
 
 
+def test_run_image_classification_command_runs_as_written(tiny_resnet, digit_folders, tmp_path):
+    """run_image_classification.py's test command shape (an image folder, --train_val_split,
+    --label_column_name, the Trainer flags it passes), with hftune/run.py in place of the script."""
+    from hftune.run import main
+
+    out = tmp_path / "image-run"
+    main(["--model_name_or_path", tiny_resnet, "--train_dir", str(digit_folders[0]), "--do_train", "--do_eval",
+          "--learning_rate", "1e-3", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "4",
+          "--remove_unused_columns", "False", "--dataloader_num_workers", "0", "--metric_for_best_model", "accuracy",
+          "--max_steps", "4", "--train_val_split", "0.2", "--seed", "42", "--label_column_name", "label",
+          "--image_column_name", "image", "--output_dir", str(out), "--disable_tqdm", "true"])
+    results = read_json(out / "all_results.json")
+    assert results["eval_samples"] == 30 and results["train_samples"] == 120  # 150 images, 20% held out
+    assert 0 <= results["eval_accuracy"] <= 1
+    resolved = yaml.safe_load((out / "hftune_config.yaml").read_text())
+    assert (resolved["task"], resolved["validation_split_percentage"], resolved["label_column"]) == \
+        ("image-classification", 20, "label")
+
+
 def test_run_clm_from_scratch_with_block_size_runs_as_written(tiny_gpt, corpus_txt, tmp_path):
     """run_clm.py's command for a model trained from scratch: model_type + config_overrides + tokenizer_name,
     a .txt corpus, block_size; the task is inferred, perplexity reported as run_clm.py does."""

@@ -31,6 +31,15 @@ def test_no_gpu_no_bf16(tiny_bert, tweets_csv, tmp_path):
     assert not args.bf16 and args.machine_defaults == ()
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_on_a_cpu_without_native_bf16_warns(native, tiny_bert, tweets_csv, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+    with caplog.at_level(logging.WARNING, logger="hftune"):
+        gpu_defaults.warn_slow_cpu_bf16(training_args(tiny_bert, tweets_csv, tmp_path, bf16="true"))
+        gpu_defaults.warn_slow_cpu_bf16(training_args(tiny_bert, tweets_csv, tmp_path))  # fp32: nothing to say
+    assert ["without native bf16" in r.message for r in caplog.records] == ([] if native else [True])
+
+
 @pytest.mark.parametrize("given", [{"bf16": "false"}, {"bf16": "true"}])
 def test_a_precision_in_the_config_wins(given, bf16_gpu, tiny_bert, tweets_csv, tmp_path):
     args = training_args(tiny_bert, tweets_csv, tmp_path, **given)

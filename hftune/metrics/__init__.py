@@ -20,9 +20,10 @@ from huggingface_hub import constants
 
 logger = logging.getLogger(__name__)
 
-LOCAL_METRICS = ("accuracy", "f1", "mse", "pearsonr", "spearmanr")
-# evaluate's mse passes `squared` to sklearn's mean_squared_error, which scikit-learn 1.6 removed.
-LOCAL_FIRST = ("mse",)
+LOCAL_METRICS = ("accuracy", "f1", "mse", "pearsonr", "spearmanr", "exact_match", "rouge", "token_f1")
+# evaluate's mse passes `squared` to sklearn's mean_squared_error, which scikit-learn 1.6 removed;
+# token_f1 is hftune's own (the Hub has none of that name).
+LOCAL_FIRST = ("mse", "token_f1")
 
 
 def local_metric_path(name):

@@ -7,7 +7,10 @@
   regression: the predicted `score` (and `true_score`); multi-label: the predicted `labels` (sigmoid
   probability > 0.5), every label's `probabilities` (and `true_labels`), as transformers' pipeline
   scores them (config.problem_type);
-- causal LM: the greedy continuation (`max_new_tokens`) of each example's text.
+- causal LM: the greedy continuation (`max_new_tokens`) of each example's text;
+- sft: each row's prompt (the ids training used before its last trained turn), the greedy answer,
+  the reference and whether the answer stopped; evaluation adds the answers' metrics
+  (hftune.results.generation).
 
 Example:
     $ hftune evaluate --config recipe.yaml --model_name_or_path outputs/run --eval_split test --do_predict true
@@ -29,6 +32,7 @@ from transformers import AutoConfig, Trainer
 from hftune.data import is_stream, limit_splits
 from hftune.errors import HftuneError
 from hftune.launch.checks import shards_parameters
+from hftune.results.generation import DEFAULT_NEW_TOKENS, generation_metrics, generation_rows
 from hftune.tasks import tasks_where, traits
 from hftune.tasks.common import pretrained_source
 
@@ -49,13 +53,13 @@ class TrainingFields:
         metadata={"help": "Split do_predict writes predictions_<split>.jsonl for: test, validation or train."},
     )
     max_new_tokens: int = field(
-        default=None, metadata={"help": "causal-lm do_predict: tokens generated (greedily) after each text (default 20)."}
+        default=None, metadata={"help": "causal-lm do_predict, sft do_eval / do_predict: tokens generated (greedily) "
+                                        "after each prompt (default 20)."}
     )
 
 
 SPLITS = ("train", "validation", "test")
 CLASSIFIERS = ("text-classification", "image-classification")
-DEFAULT_NEW_TOKENS = 20
 
 
 def split_prefix(split):
@@ -75,9 +79,10 @@ def check_predict_args(data_args, args):
         if split not in SPLITS:
             raise HftuneError(f"{key} '{split}' is not a split hftune reads; choose one of {list(SPLITS)}.")
     generates = traits(data_args.task).output == "tokens"
-    if args.max_new_tokens is not None and not (args.do_predict and generates):
-        raise HftuneError(f"max_new_tokens applies to do_predict with task {', '.join(tasks_where(output='tokens'))} "
-                          "only; drop it.")
+    answers = traits(data_args.task).inputs == "chat"
+    if args.max_new_tokens is not None and not ((args.do_predict and generates) or (args.do_eval and answers)):
+        raise HftuneError(f"max_new_tokens applies to do_predict with task {', '.join(tasks_where(output='tokens'))}, "
+                          f"or do_eval with {', '.join(tasks_where(inputs='chat'))}, only; drop it.")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise HftuneError(f"max_new_tokens must be >= 1, got {args.max_new_tokens}.")
     if args.do_predict and args.engine == "pipeline":
@@ -149,14 +154,28 @@ def problem_type(config):
     return kind or ("regression" if config.num_labels == 1 else "single_label_classification")
 
 
-def evaluate(trainer, dataset, split):
-    """Metrics of a labelled split, logged and saved as <prefix>_results.json."""
+def evaluate(trainer, dataset, split, bundle=None, answers=None):
+    """Metrics of a labelled split, logged and saved as <prefix>_results.json; a chat model's
+    answers are generated and scored too (or `answers`, the rows already generated)."""
     if not has_labels(dataset):
         raise HftuneError(f"eval_split '{split}' has no labels; evaluate a labelled split, or use do_predict alone.")
     prefix = split_prefix(split)
     metrics = {**trainer.evaluate(dataset, metric_key_prefix=prefix), f"{prefix}_samples": len(dataset)}
+    if bundle is not None and bundle.answers and trainer.is_world_process_zero():
+        rows = answers if answers is not None else _answer(trainer, bundle, dataset)
+        metrics.update(generation_metrics(rows, prefix) if rows else {})
     _report(trainer, prefix, metrics)
     return metrics
+
+
+def _answer(trainer, bundle, dataset):
+    """The chat model's answers to the split's prompts (main process; needs whole parameters)."""
+    if shards_parameters(trainer.args):
+        logger.info("answers are not generated under FSDP / ZeRO-3 (sharded parameters); evaluate the saved model "
+                    "(hftune evaluate) for exact_match and the other answer metrics.")
+        return []
+    new_tokens = trainer.args.max_new_tokens or DEFAULT_NEW_TOKENS
+    return generation_rows(trainer.model, bundle.processor, dataset, new_tokens, trainer.args.per_device_eval_batch_size)
 
 
 def predict(trainer, bundle, args):
@@ -165,6 +184,9 @@ def predict(trainer, bundle, args):
     dataset = split_dataset(bundle, split)
     if bundle.pipeline_task in CLASSIFIERS:
         rows, metrics = _classify(trainer, bundle, dataset, split)
+    elif bundle.answers:
+        rows = _answer(trainer, bundle, dataset) if trainer.is_world_process_zero() else []
+        metrics = evaluate(trainer, dataset, split, bundle, rows)
     else:
         metrics = evaluate(trainer, dataset, split) if has_labels(dataset) else {}
         rows = _generate(trainer, bundle, args.max_new_tokens or DEFAULT_NEW_TOKENS) if trainer.is_world_process_zero() else []

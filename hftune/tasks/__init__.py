@@ -19,6 +19,7 @@ from hftune.errors import HftuneError, closest
 TASKS = {
     "text-classification": "hftune.tasks.text_classification",
     "causal-lm": "hftune.tasks.causal_lm",
+    "sft": "hftune.tasks.sft",
     "image-classification": "hftune.tasks.image_classification",
 }
 

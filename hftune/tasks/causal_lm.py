@@ -230,24 +230,26 @@ def apart_key(data_args):
     return "isolate_texts" if data_args.concatenate_texts else "padding_free"
 
 
-def check_padding_free(model_args, data_args, args):
-    """Config-only checks of `padding_free` / `isolate_texts` (true, false, or unset: on where it is
-    exact); an unset value becomes false where texts cannot be kept apart by position ids."""
-    if data_args.task != "causal-lm":
-        return
-    key = apart_key(data_args)
-    other = "padding_free" if data_args.concatenate_texts else "isolate_texts"
-    if getattr(data_args, other) is not None:
-        mode = "false (single texts)" if other == "padding_free" else "true (packed blocks)"
-        raise HftuneError(f"{other} applies to concatenate_texts: {mode}; drop {other} or change concatenate_texts.")
-    blockers = {
+def padding_free_blockers(model_args, args):
+    """{what: blocked}: settings under which examples cannot be kept apart by position ids."""
+    return {
         f"peft: {model_args.peft} (its virtual tokens break the packed row's position ids)":
             model_args.peft in PEFT_METHODS and not PEFT_METHODS[model_args.peft].wraps_modules,
         "engine: pipeline (it builds its own attention mask over the whole row)": args.engine == "pipeline",
         "a teacher_model_name_or_path (the teacher's attention is not checked)":
             bool(model_args.teacher_model_name_or_path),
     }
-    for what, blocked in blockers.items():
+
+
+def check_padding_free(model_args, data_args, args):
+    """Config-only checks of `padding_free` / `isolate_texts` (true, false, or unset: on where it is
+    exact); an unset value becomes false where texts cannot be kept apart by position ids."""
+    key = apart_key(data_args)
+    other = "padding_free" if data_args.concatenate_texts else "isolate_texts"
+    if getattr(data_args, other) is not None:
+        mode = "false (single texts)" if other == "padding_free" else "true (packed blocks)"
+        raise HftuneError(f"{other} applies to concatenate_texts: {mode}; drop {other} or change concatenate_texts.")
+    for what, blocked in padding_free_blockers(model_args, args).items():
         if blocked and getattr(data_args, key):
             raise HftuneError(f"{key}: true cannot be used with {what}; set {key}: false.")
         if blocked:
@@ -283,10 +285,10 @@ def packing_leak(model, collator):
     return None
 
 
-def keep_texts_apart(data_args, model):
+def keep_texts_apart(data_args, model, key=None):
     """Whether examples keep their texts apart by position ids (padding_free / isolate_texts true or
     unset), checked on the model; a model that would let them mix gets padded batches or plain blocks."""
-    key = apart_key(data_args)
+    key = key or apart_key(data_args)
     if getattr(data_args, key) is False:
         return False
     leak = packing_leak(model, FlatteningCollator())
@@ -296,7 +298,7 @@ def keep_texts_apart(data_args, model):
     if getattr(data_args, key):
         raise HftuneError(f"{key}: true, but for {name} {leak}; set {key}: false "
                           "(Llama, GPT-2 and other models whose mask follows position_ids support it).")
-    fallback = "run_clm.py's blocks, where a text sees the texts before it" if data_args.concatenate_texts else \
+    fallback = "run_clm.py's blocks, where a text sees the texts before it" if key == "isolate_texts" else \
         "padded batches"
     logger.info("%s: keeping texts apart would be inexact for %s: %s.", fallback, name, leak)
     return False

@@ -89,7 +89,7 @@ class TaskTraits:
 
     auto_model: str  # the transformers Auto class of its models (a teacher loads with it; `hftune plan` too)
     output: str  # "classes": a head over the data's labels; "tokens": a language-model head
-    inputs: str  # "text" or "image"
+    inputs: str  # "text", "image", or "chat" (conversations rendered by a chat template)
     peft_task_type: str = None  # peft's TaskType; None where peft has none
 
 
@@ -108,6 +108,8 @@ class TaskBundle:
     adapter: Any = None  # hftune.compression.adapters.AdapterSaver under peft: saves what the adapter needs beside it
     predict_inputs: Any = None  # texts of the predict_split (prompts of a causal LM), set for do_predict
     skipped_rows: dict = None  # split -> rows dropped as unusable (empty text, unreadable image)
+    data_counts: dict = None  # more counts for the results, e.g. train_dropped_no_labels (sft)
+    answers: bool = False  # evaluation also generates answers to the rows' prompts and scores them (sft)
 
 
 def pretrained_source(model_args):

@@ -61,18 +61,58 @@ def checkpoint_kind(config):
 
 
 def data_kind(data_args):
-    """('.txt' | 'folder' | None, what it was read from), from the training data's file."""
+    """('.txt' | 'folder' | 'chat' | None, what it was read from), from the training data's file:
+    chat data is a table whose columns make an sft format (messages, prompt + completion, ...)."""
     path = data_args.train_file
     if not path:
         return None, None
     if os.path.isdir(path):
         return "folder", f"train_file {path} (a folder)"
     suffix = os.path.splitext(path)[1].lower()
-    return (suffix, f"train_file {os.path.basename(path)}") if suffix == ".txt" else (None, None)
+    if suffix == ".txt":
+        return suffix, f"train_file {os.path.basename(path)}"
+    if is_chat_table(path, suffix, data_args):
+        return "chat", f"the columns of train_file {os.path.basename(path)}"
+    return None, None
+
+
+def is_chat_table(path, suffix, data_args):
+    from hftune.tasks.chat import Columns, detect_format
+
+    try:
+        columns = file_columns(path, suffix)
+        detect_format(columns, data_args.data_format, Columns(
+            data_args.messages_column, data_args.prompt_column, data_args.completion_column))
+    except (OSError, ValueError, HftuneError):
+        return False
+    return True
+
+
+def file_columns(path, suffix):
+    """The column names of a data file, read from its first record (JSON Lines, CSV) or schema (Parquet)."""
+    import csv
+    import json
+
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        if suffix in (".jsonl", ".json"):
+            first = handle.readline().strip()
+            if first.startswith("["):  # a JSON array: its first object
+                handle.seek(0)
+                return list(json.load(handle)[0])
+            return list(json.loads(first))
+        if suffix == ".csv":
+            return next(csv.reader(handle))
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_schema(path).names
+    return []
 
 
 def takes(task_traits):
     """(the checkpoint kind, the data file kinds) a task with these traits takes."""
+    if task_traits.inputs == "chat":
+        return "lm", ("chat",)
     if task_traits.output == "tokens":
         return "lm", (".txt",)
     if task_traits.inputs == "image":
@@ -84,8 +124,10 @@ def infer_task(model_args, data_args):
     """(task, why) for a config that names none."""
     config = checkpoint_config(model_args)
     kind, model_source = checkpoint_kind(config) if config is not None else (None, None)
-    by_model = {name for name in TASKS if takes(traits(name))[0] == kind}
     files, data_source = data_kind(data_args)
+    # a language model takes chat data for sft, any other data as causal-lm
+    by_model = {name for name in TASKS if takes(traits(name))[0] == kind
+                and (traits(name).inputs == "chat") == (files == "chat")}
     by_data = {name for name in TASKS if files in takes(traits(name))[1]}
     if by_data and by_model and not by_model & by_data:
         raise HftuneError(f"task is not set, and {model_source} suggests {' or '.join(sorted(by_model))} while "
