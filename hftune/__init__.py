@@ -6,7 +6,8 @@ Who owns what (each module one job; no module imports one that imports it back, 
                      the resolved config; it names no task and no feature
     features.py      the registry of features that add fields and checks (order = order in --help)
     tasks/           one module per task: its DataFields, TRAITS, checks, preprocessing, collator, metrics,
-                     pipeline task; tasks/__init__.py is the registry, tasks/common.py what they share
+                     pipeline task; tasks/__init__.py is the registry, tasks/common.py what they share;
+                     sft's chat formats (chat.py), loss mask (chat_mask.py), `hftune inspect` (chat_audit.py)
     data.py          the data fields every task has; Hub, asset and local-file data sets
     engines/         the only code that touches Accelerator / DeepSpeed / FSDP: Trainer, Accelerate loop,
                      DeepSpeed pipeline; checks.py their fields and config checks, loop.py shared plumbing
@@ -14,7 +15,8 @@ Who owns what (each module one job; no module imports one that imports it back, 
                      regularization, NaN guard, sampling, crash-safe checkpoints
     compression/     PEFT (adapters.py), pruning, distillation, quantization: each with its own fields
     launch/          launch checks, GPU defaults, `hftune plan` (resolve.py, memory.py, plan.py)
-    results/         predictions, model card + plots, Hub push, throughput
+    results/         predictions, generated answers' metrics (generation.py), model card + plots, Hub push,
+                     throughput
     metrics/         offline `evaluate` metric modules
     outputs.py       names of the files a run writes into output_dir
     assets.py, errors.py, ranges.py: offline assets, the one-line error, numeric ranges

@@ -402,3 +402,29 @@ def test_inspect_audits_the_labels_without_model_weights(tiny_chat_llama, tmp_pa
     main(["inspect", "--model_name_or_path", tiny_chat_llama, "--train_file", train, "--max_seq_length", "20",
           "--validation_split_percentage", "0"])
     assert "rows: dropped_no_labels 12" in capsys.readouterr().out
+
+
+def test_lora_sft_trains_only_adapters_and_merges(tiny_chat_llama, tmp_path):
+    from peft import AutoPeftModelForCausalLM
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from hftune.run import main
+
+    out = tmp_path / "lora"
+    main(["--model_name_or_path", tiny_chat_llama, "--train_file", write_jsonl(tmp_path / "t.jsonl", color_rows(32)),
+          "--validation_split_percentage", "0", "--do_eval", "false", "--output_dir", str(out), "--peft", "lora",
+          "--merge_adapter", "true", "--max_steps", "4", "--learning_rate", "5e-2", "--per_device_train_batch_size", "8"])
+    saved = load_file(out / "adapter_model.safetensors")
+    assert saved and all("lora_" in name for name in saved)  # only the adapters were saved: nothing else trained
+    adapted, merged = AutoPeftModelForCausalLM.from_pretrained(out).eval(), AutoModelForCausalLM.from_pretrained(
+        out / "merged").eval()
+    base = AutoModelForCausalLM.from_pretrained(tiny_chat_llama).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    prompt = tokenizer.apply_chat_template(color_rows(1)[0]["messages"][:1], add_generation_prompt=True, tokenize=False)
+    ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        assert not torch.allclose(adapted(ids).logits, base(ids).logits, atol=1e-4)  # the adapter changed something
+        assert torch.allclose(adapted(ids).logits, merged(ids).logits, atol=1e-5)
+    settings = dict(max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert adapted.generate(input_ids=ids, **settings).tolist() == merged.generate(input_ids=ids, **settings).tolist()
