@@ -233,6 +233,10 @@ def main(argv=None):
         from hftune.launch.plan import main as plan
 
         return plan(argv[1:])
+    if argv[:1] == ["launch"]:  # `hftune launch [accelerate launch options] [hftune options]`
+        from hftune.launch.command import main as launch
+
+        return launch(argv[1:])
     if argv[:1] == ["inspect"]:  # `hftune inspect --config recipe.yaml`: the sft label audit, no model weights
         from hftune.tasks.chat_audit import main as inspect
 
