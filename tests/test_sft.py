@@ -267,6 +267,7 @@ def color_rows(n, seed=0):
     return rows
 
 
+@pytest.mark.slow
 def test_sft_run_learns_reports_and_saves_its_template(tiny_chat_llama, tmp_path):
     from hftune.run import main
 
