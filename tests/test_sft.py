@@ -123,7 +123,8 @@ def test_last_assistant_and_everything(smol):
     last = label(smol, smol.chat_template, CONVERSATION, train_on="last_assistant")
     assert labelled_runs(smol, last["input_ids"], last["labels"]) == ["Green.<|im_end|>"]
     everything = label(smol, smol.chat_template, CONVERSATION, train_on="all")
-    assert all(x != IGNORE for x in everything["labels"])
+    assert all(x != IGNORE for x in everything["labels"][:-1])  # all but the newline after the last <|im_end|>
+    assert everything["labels"][-2] == smol.eos_token_id and smol.decode(everything["input_ids"][-1]) == "\n"
 
 
 def test_formats_become_conversations():
@@ -309,6 +310,7 @@ def test_chatml_for_a_base_model_adds_its_tokens(tiny_llama, tmp_path):
     (["--train_on", "last_assistant", "--data_format", "prompt-completion"], "train_on: last_assistant needs conversations"),
     (["--train_on", "turns"], "train_on 'turns' is not one of"),
     (["--truncation_mode", "cut"], "truncation_mode 'cut' is not one of"),
+    (["--streaming", "true"], "sft does not stream yet"),
 ])
 def test_bad_settings(capsys, tiny_chat_llama, tmp_path, argv, message):
     line = fail(capsys, ["--model_name_or_path", tiny_chat_llama, "--task", "sft", "--output_dir", str(tmp_path),

@@ -90,8 +90,8 @@ class Labeller:
             text = prompt + completion
             return text, [(0 if self.train_on == "all" else len(prompt), len(text))]
         text = self.apply(messages, where)
-        if self.train_on == "all":
-            return text, [(0, len(text))]
+        if self.train_on == "all":  # up to the last end-of-turn marker: generation learns to stop there
+            return text, [(0, len(text.rstrip()))]
         turns = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i >= conversation.completion_start]
         if self.train_on == "last_assistant":
             turns = turns[-1:]

@@ -89,6 +89,9 @@ def check_config(model_args, data_args, training_args):
                                  ("data_format", data_args.data_format, FORMATS + (None,))):
         if value not in allowed:
             raise HftuneError(f"{name} '{value}' is not one of {[a for a in allowed if a]}.")
+    if data_args.streaming:
+        raise HftuneError("sft does not stream yet: its rows are labelled and counted before training; "
+                          "drop streaming (or use max_train_samples).")
     if data_args.train_on == "last_assistant" and data_args.data_format in ("prompt-completion", "alpaca"):
         raise HftuneError(f"train_on: last_assistant needs conversations; {data_args.data_format} data trains its "
                           "completion: drop train_on.")
