@@ -33,3 +33,16 @@ def test_image_classification_recipe_beats_chance(tmp_path):
           "--max_train_samples", "384", "--max_eval_samples", "256", *SHORT])
     accuracy = eval_history(out, "eval_accuracy")
     assert accuracy[-1] > max(accuracy[0], 0.2), accuracy  # 10 classes: chance is 0.1
+
+
+def test_sft_recipe_learns_to_answer_in_one_word(tmp_path):
+    """A few LoRA steps teach the answer format: the eval loss falls, and the answers stop (end of turn)
+    far more often than the instruct model's zero-shot answers (stop rate 0.09 on 500 rows)."""
+    out = tmp_path / "sft"
+    main(["--config", "sft", "--output_dir", str(out), "--max_steps", "6", "--eval_steps", "6",
+          "--max_train_samples", "96", "--max_eval_samples", "32", *SHORT])
+    losses = eval_history(out, "eval_loss")
+    assert losses[-1] < losses[0], losses
+    results = read_json(out / "all_results.json")
+    assert results["eval_stop_rate"] > 0.5 and 0 <= results["eval_exact_match"] <= 1
+    assert results["eval_samples"] == 32

@@ -431,3 +431,25 @@ def test_lora_sft_trains_only_adapters_and_merges(tiny_chat_llama, tmp_path):
         assert torch.allclose(adapted(ids).logits, merged(ids).logits, atol=1e-5)
     settings = dict(max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert adapted.generate(input_ids=ids, **settings).tolist() == merged.generate(input_ids=ids, **settings).tolist()
+
+
+@pytest.mark.parametrize("flattened", [False, True])
+def test_logits_where_trained_give_the_same_loss_and_gradients(tiny_chat_llama, smol, flattened):
+    from transformers import AutoModelForCausalLM
+
+    from hftune.tasks.sft import LogitsWhereTrained
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_chat_llama)
+    rows = [{k: v for k, v in label(smol, smol.chat_template, c).items() if k != "status"}
+            for c in (CONVERSATION, CONVERSATION[1:3], [CONVERSATION[1], {"role": "assistant", "content": "Sky."}])]
+    pad = FlatteningCollator() if flattened else DataCollatorForSeq2Seq(smol, label_pad_token_id=IGNORE)
+    full, kept = pad(rows), LogitsWhereTrained(pad)(rows)
+    assert kept["logits_to_keep"].numel() < full["input_ids"].shape[1] / 3  # most positions skip the LM head
+    results = []
+    for batch in (full, kept):
+        model.zero_grad()
+        outputs = model(**batch, num_items_in_batch=(full["labels"][:, 1:] != IGNORE).sum())
+        outputs.loss.backward()
+        results.append((outputs.loss.item(), model.model.layers[0].mlp.up_proj.weight.grad.clone()))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
+    assert torch.allclose(results[0][1], results[1][1], atol=1e-7, rtol=1e-5)

@@ -20,6 +20,8 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 
+import torch
+
 from hftune.data import apply_batched, limit_splits
 from hftune.errors import HftuneError
 from hftune.tasks.causal_lm import (
@@ -72,6 +74,13 @@ class DataFields:
     max_seq_length: int = field(
         default=128, metadata={"help": "Longest tokenized input; longer texts are truncated."}
     )
+    logits_where_trained: bool = field(
+        default=None,
+        metadata={"help": "sft: run the LM head (and the loss) only at positions whose next token is trained "
+                          "(logits_to_keep + shift_labels): the same loss, without logits over the vocabulary for "
+                          "every prompt token. Default: on where the model takes logits_to_keep, off under label "
+                          "smoothing, distillation or the pipeline engine."},
+    )
     padding_free: bool = field(
         default=None,
         metadata={"help": "Flatten each batch into one row without padding (position ids keep every example to "
@@ -95,6 +104,17 @@ def check_config(model_args, data_args, training_args):
     if data_args.train_on == "last_assistant" and data_args.data_format in ("prompt-completion", "alpaca"):
         raise HftuneError(f"train_on: last_assistant needs conversations; {data_args.data_format} data trains its "
                           "completion: drop train_on.")
+    logits_blockers = {
+        "label_smoothing_factor (Trainer smooths over every position's logits)": training_args.label_smoothing_factor > 0,
+        "a teacher_model_name_or_path (distillation compares every position's logits)":
+            bool(model_args.teacher_model_name_or_path),
+        "engine: pipeline (its loss takes every position's logits)": training_args.engine == "pipeline",
+    }
+    for what, blocked in logits_blockers.items():
+        if blocked and data_args.logits_where_trained:
+            raise HftuneError(f"logits_where_trained: true cannot be used with {what}; drop it.")
+        if blocked:
+            data_args.logits_where_trained = False
     for what, blocked in padding_free_blockers(model_args, training_args).items():
         if blocked and data_args.padding_free:
             raise HftuneError(f"padding_free: true cannot be used with {what}; set padding_free: false.")
@@ -207,7 +227,8 @@ def build(model_args, data_args, raw):
     apart = flattens(data_args, model)
     return TaskBundle(
         model=model, processor=tokenizer, train_dataset=prepared.get("train"), eval_dataset=prepared.get("validation"),
-        test_dataset=prepared.get("test"), data_collator=collator(apart, tokenizer), derived_metrics=perplexity,
+        test_dataset=prepared.get("test"), data_collator=collator(apart, tokenizer, takes_logits_to_keep(model, data_args)),
+        derived_metrics=perplexity,
         main_metric="eval_perplexity", pipeline_task="text-generation", data_counts=counts, answers=True,
     )
 
@@ -221,8 +242,38 @@ def flattens(data_args, model):
     return keep_texts_apart(data_args, model, "padding_free")
 
 
-def collator(apart, tokenizer):
+def collator(apart, tokenizer, trained_logits):
     from transformers import DataCollatorForSeq2Seq
 
     # labels padded with -100, never masked by token id: with pad == eos the trained EOS stays trained
-    return FlatteningCollator() if apart else DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE)
+    pad = FlatteningCollator() if apart else DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE)
+    return LogitsWhereTrained(pad) if trained_logits else pad
+
+
+def takes_logits_to_keep(model, data_args):
+    if data_args.logits_where_trained is False:
+        return False
+    import inspect
+
+    takes = "logits_to_keep" in inspect.signature(model.forward).parameters
+    if data_args.logits_where_trained and not takes:
+        raise HftuneError(f"logits_where_trained: true, but {type(model).__name__} takes no logits_to_keep; drop it.")
+    return takes
+
+
+class LogitsWhereTrained:
+    """A collator's batches plus `logits_to_keep` (the positions whose next token is trained in any row)
+    and `shift_labels` (those next tokens): the model runs its LM head and loss on these positions only,
+    which is the same loss (transformers' causal-LM loss takes shift_labels as they are; Trainer counts
+    the tokens from them). One-word answers after 60-token prompts skip ~95% of the vocabulary logits."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, features):
+        batch = dict(self.collator(features))
+        labels = batch["labels"]
+        shifted = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE)], dim=1)
+        keep = (shifted != IGNORE).any(dim=0).nonzero().squeeze(-1)
+        keep = keep if keep.numel() else torch.zeros(1, dtype=torch.long)  # no trained token: one position, loss 0/0
+        return {**batch, "logits_to_keep": keep, "shift_labels": shifted[:, keep]}
