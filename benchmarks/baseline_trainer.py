@@ -10,6 +10,9 @@ the example scripts). It imports nothing from hftune.
   DataCollatorForLanguageModeling(mlm=False) (or pre-padded to max_length); perplexity.
 - image-classification: an image folder, AutoImageProcessor in `with_transform`,
   AutoModelForImageClassification, accuracy.
+- sft: JSON Lines of `messages`; the chat template applied to the whole conversation, the prompt
+  (the template's rendering up to the last turn, with the generation prompt) tokenized apart and
+  its length masked with -100, batches padded by DataCollatorForSeq2Seq; eval loss.
 
 Like hftune, it reads a validation_file or carves validation_split_percentage of a CSV's rows
 out as validation (same seed), and keeps the first max_train_samples / max_eval_samples rows, so both see the same data;
@@ -28,14 +31,15 @@ import numpy as np
 from datasets import load_dataset
 from transformers import (
     AutoImageProcessor, AutoModelForCausalLM, AutoModelForImageClassification, AutoModelForSequenceClassification,
-    AutoTokenizer, DataCollatorForLanguageModeling, DataCollatorWithPadding, DefaultDataCollator, HfArgumentParser,
+    AutoTokenizer, DataCollatorForLanguageModeling, DataCollatorForSeq2Seq, DataCollatorWithPadding, DefaultDataCollator,
+    HfArgumentParser,
     Trainer, TrainingArguments, set_seed,
 )
 
 
 @dataclass
 class ScriptArguments:
-    task: str = field(default="text-classification", metadata={"help": "text-classification, causal-lm or image-classification."})
+    task: str = field(default="text-classification", metadata={"help": "text-classification, causal-lm, sft or image-classification."})
     model_name_or_path: str = field(default=None, metadata={"help": "Local checkpoint folder or Hub id."})
     train_file: str = field(default=None, metadata={"help": "A CSV (text tasks) or an image folder."})
     validation_file: str = field(default=None, metadata={"help": "A CSV or an image folder; text tasks carve one from train without it."})
@@ -125,7 +129,27 @@ def image_classification(args, training_args):
     return model, processor, train, evaluation, DefaultDataCollator(), accuracy
 
 
-TASKS = {"text-classification": text_classification, "causal-lm": causal_lm, "image-classification": image_classification}
+def sft(args, training_args):
+    data = load_dataset("json", data_files={"train": args.train_file, "validation": args.validation_file})
+    train, evaluation = first(data["train"], args.max_train_samples), first(data["validation"], args.max_eval_samples)
+    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
+
+    def tokenize(example):
+        messages = example["messages"]
+        prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+        prompt_length = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        ids = tokenizer(text, add_special_tokens=False, truncation=True, max_length=args.max_seq_length)["input_ids"]
+        return {"input_ids": ids, "attention_mask": [1] * len(ids),
+                "labels": ([-100] * prompt_length + ids[prompt_length:])[: len(ids)]}
+
+    train, evaluation = (d.map(tokenize, remove_columns=d.column_names) for d in (train, evaluation))
+    model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path)
+    return model, tokenizer, train, evaluation, DataCollatorForSeq2Seq(tokenizer), None
+
+
+TASKS = {"text-classification": text_classification, "causal-lm": causal_lm, "image-classification": image_classification,
+         "sft": sft}
 
 
 def main():
@@ -143,7 +167,7 @@ def main():
     trainer.save_metrics("train", metrics)
     trainer.save_state()
     metrics = {**trainer.evaluate(), "eval_samples": len(evaluation)}
-    if args.task == "causal-lm":
+    if args.task in ("causal-lm", "sft"):
         metrics["eval_perplexity"] = math.exp(metrics["eval_loss"])
     trainer.log_metrics("eval", metrics)
     trainer.save_metrics("eval", metrics)

@@ -21,6 +21,10 @@ Workloads:
          max_seq_length or to each batch's longest text.
          Default model: a small random-init Llama with the SmolLM2 tokenizer; --clm_model smollm2
          uses the real SmolLM2-135M-Instruct (slow on CPU).
+  sft    chat SFT on the tweets asked as a question (system question, tweet, one-word answer),
+         the small Llama (or --clm_model smollm2): hftune's defaults (the LM head only where the
+         next token is trained) vs a docs-style Trainer SFT script (chat template, prompt masked,
+         batches padded per batch), and hftune with the baseline's settings (the overhead).
   image  a random-init ResNet-18 (64 px) on sklearn's real digit scans, hftune vs baseline.
 
 Example:
@@ -291,7 +295,57 @@ def image_workload(opts, folder, _corpus):
                     comparisons)
 
 
-WORKLOADS = {"text": text_workload, "clm": clm_workload, "image": image_workload}
+def chat_files(folder, corpus):
+    """The corpus CSVs as chat JSON Lines, as asset:tweet-sentiment-chat words them."""
+    import pandas as pd
+
+    from hftune.assets import TWEET_QUESTION
+
+    paths = []
+    for path in corpus:
+        out = folder / (Path(path).stem + "-chat.jsonl")
+        with open(out, "w") as handle:
+            for row in pd.read_csv(path).itertuples():
+                messages = [{"role": "system", "content": TWEET_QUESTION}, {"role": "user", "content": row.text},
+                            {"role": "assistant", "content": row.sentiment}]
+                handle.write(json.dumps({"messages": messages}) + "\n")
+        paths.append(out)
+    return paths
+
+
+def sft_workload(opts, folder, corpus):
+    sizes = dict(train=1024, eval=200, batch=16, eval_batch=32, lr=1e-4 if opts.clm_model == "smollm2" else 1e-3,
+                 length=128)
+    if opts.tiny:
+        sizes.update(train=64, eval=16, batch=8, eval_batch=16)
+    model = smollm2(folder / "smollm2") if opts.clm_model == "smollm2" and not opts.tiny else \
+        llama(folder / "llama", opts.tiny)
+    train, validation = chat_files(folder, corpus)
+    shared = dict(common(opts, sizes), model_name_or_path=model, train_file=train, validation_file=validation,
+                  max_seq_length=sizes["length"], max_train_samples=opts.max_train_samples or sizes["train"])
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    with open(train) as handle:
+        rows = [json.loads(line)["messages"] for line, _ in zip(handle, range(shared["max_train_samples"]))]
+    tokens = statistics.mean(len(tokenizer(tokenizer.apply_chat_template(m, tokenize=False), add_special_tokens=False,
+                                           truncation=True, max_length=sizes["length"])["input_ids"]) for m in rows)
+    full_training = dict(max_new_tokens=4)  # the recipe's LoRA is dropped: both sides train every weight
+    variants = [
+        Variant("baseline-padded", "baseline", tokens_per_sample=tokens),
+        Variant("hftune", "hftune", full_training, drop=("peft",), tokens_per_sample=tokens),
+        Variant("hftune-same-as-baseline", "hftune", dict(full_training, logits_where_trained="false",
+                                                          train_sampling_strategy="random"),
+                drop=("peft",), tokens_per_sample=tokens),
+    ]
+    comparisons = [
+        ("hftune", "baseline-padded", "default vs docs-style SFT (target >= 1.5x tokens/s, equal eval loss)"),
+        ("hftune-same-as-baseline", "baseline-padded", "same settings: overhead (target <= 3%)"),
+    ]
+    return Workload("sft", "sft", "sft", "eval_loss", shared, variants, comparisons)
+
+
+WORKLOADS = {"text": text_workload, "clm": clm_workload, "sft": sft_workload, "image": image_workload}
 
 
 def resolve(name):
@@ -469,7 +523,7 @@ def comparison_lines(workloads, results):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workloads", default="text,clm,image", help="comma-separated: text, clm, image")
+    parser.add_argument("--workloads", default="text,clm,sft,image", help="comma-separated: text, clm, sft, image")
     parser.add_argument("--repeats", type=int, default=2, help="rounds of alternating runs (default 2)")
     parser.add_argument("--max_train_samples", type=int, help="training rows (texts for clm); default per workload")
     parser.add_argument("--max_eval_samples", type=int, help="validation rows; default per workload")
