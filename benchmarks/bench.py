@@ -334,12 +334,15 @@ def sft_workload(opts, folder, corpus):
     variants = [
         Variant("baseline-padded", "baseline", tokens_per_sample=tokens),
         Variant("hftune", "hftune", full_training, drop=("peft",), tokens_per_sample=tokens),
+        Variant("hftune-padding-free", "hftune", dict(full_training, padding_free="true"), drop=("peft",),
+                tokens_per_sample=tokens),
         Variant("hftune-same-as-baseline", "hftune", dict(full_training, logits_where_trained="false",
                                                           train_sampling_strategy="random"),
                 drop=("peft",), tokens_per_sample=tokens),
     ]
     comparisons = [
         ("hftune", "baseline-padded", "default vs docs-style SFT (target >= 1.5x tokens/s, equal eval loss)"),
+        ("hftune-padding-free", "hftune", "padding-free vs padded batches (both with the LM head where trained)"),
         ("hftune-same-as-baseline", "baseline-padded", "same settings: overhead (target <= 3%)"),
     ]
     return Workload("sft", "sft", "sft", "eval_loss", shared, variants, comparisons)

@@ -249,7 +249,13 @@ def check_padding_free(model_args, data_args, args):
     if getattr(data_args, other) is not None:
         mode = "false (single texts)" if other == "padding_free" else "true (packed blocks)"
         raise HftuneError(f"{other} applies to concatenate_texts: {mode}; drop {other} or change concatenate_texts.")
-    for what, blocked in padding_free_blockers(model_args, args).items():
+    turn_off_where_blocked(data_args, key, padding_free_blockers(model_args, args))
+
+
+def turn_off_where_blocked(data_args, key, blockers):
+    """A speed setting (true, false, or unset: on where it applies) under settings that rule it out:
+    true is refused naming the blocker; unset becomes false."""
+    for what, blocked in blockers.items():
         if blocked and getattr(data_args, key):
             raise HftuneError(f"{key}: true cannot be used with {what}; set {key}: false.")
         if blocked:

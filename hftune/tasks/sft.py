@@ -26,6 +26,7 @@ from hftune.data import apply_batched, limit_splits
 from hftune.errors import HftuneError
 from hftune.tasks.causal_lm import (
     FlatteningCollator, context_limit, keep_texts_apart, load_model_and_tokenizer, padding_free_blockers, perplexity,
+    turn_off_where_blocked,
 )
 from hftune.tasks.chat import FORMATS, Columns, detect_format, to_conversation
 from hftune.tasks.chat_mask import IGNORE, KEPT, TRAIN_ON, TRUNCATED, TRUNCATION, Labeller
@@ -101,25 +102,21 @@ def check_config(model_args, data_args, training_args):
     if data_args.streaming:
         raise HftuneError("sft does not stream yet: its rows are labelled and counted before training; "
                           "drop streaming (or use max_train_samples).")
-    if data_args.train_on == "last_assistant" and data_args.data_format in ("prompt-completion", "alpaca"):
-        raise HftuneError(f"train_on: last_assistant needs conversations; {data_args.data_format} data trains its "
-                          "completion: drop train_on.")
+    check_train_on(data_args.train_on, data_args.data_format)
     logits_blockers = {
         "label_smoothing_factor (Trainer smooths over every position's logits)": training_args.label_smoothing_factor > 0,
         "a teacher_model_name_or_path (distillation compares every position's logits)":
             bool(model_args.teacher_model_name_or_path),
         "engine: pipeline (its loss takes every position's logits)": training_args.engine == "pipeline",
     }
-    for what, blocked in logits_blockers.items():
-        if blocked and data_args.logits_where_trained:
-            raise HftuneError(f"logits_where_trained: true cannot be used with {what}; drop it.")
-        if blocked:
-            data_args.logits_where_trained = False
-    for what, blocked in padding_free_blockers(model_args, training_args).items():
-        if blocked and data_args.padding_free:
-            raise HftuneError(f"padding_free: true cannot be used with {what}; set padding_free: false.")
-        if blocked:
-            data_args.padding_free = False
+    turn_off_where_blocked(data_args, "logits_where_trained", logits_blockers)
+    turn_off_where_blocked(data_args, "padding_free", padding_free_blockers(model_args, training_args))
+
+
+def check_train_on(train_on, fmt):
+    if train_on == "last_assistant" and fmt in ("prompt-completion", "alpaca"):
+        raise HftuneError(f"train_on: last_assistant needs conversations; {fmt} data trains its completion: "
+                          "drop train_on.")
 
 
 def needs_template(dataset, fmt, data_args):
@@ -209,9 +206,7 @@ def stop_tokens(tokenizer, model, dataset):
 def build(model_args, data_args, raw):
     model, tokenizer = load_model_and_tokenizer(model_args)
     fmt = detect_format(raw["train"].column_names, data_args.data_format, columns_of(data_args))
-    if data_args.train_on == "last_assistant" and fmt in ("prompt-completion", "alpaca"):
-        raise HftuneError(f"train_on: last_assistant needs conversations; this {fmt} data trains its completion: "
-                          "drop train_on.")
+    check_train_on(data_args.train_on, fmt)
     template = load_template(tokenizer, model, data_args, model_args.tokenizer_name or model_args.model_name_or_path,
                              needs_template(raw["train"], fmt, data_args))
     length = context_limit(data_args, tokenizer, model)
