@@ -453,3 +453,14 @@ def test_logits_where_trained_give_the_same_loss_and_gradients(tiny_chat_llama, 
         results.append((outputs.loss.item(), model.model.layers[0].mlp.up_proj.weight.grad.clone()))
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
     assert torch.allclose(results[0][1], results[1][1], atol=1e-7, rtol=1e-5)
+
+
+def test_the_accelerate_engine_generates_and_scores_answers(tiny_chat_llama, tmp_path):
+    from hftune.run import main
+
+    out = tmp_path / "out"
+    main(["--model_name_or_path", tiny_chat_llama, "--engine", "accelerate", "--max_steps", "2",
+          "--train_file", write_jsonl(tmp_path / "t.jsonl", color_rows(16)), "--validation_file",
+          write_jsonl(tmp_path / "v.jsonl", color_rows(6, seed=2)), "--output_dir", str(out), "--max_new_tokens", "2"])
+    results = read_json(out / "all_results.json")
+    assert results["eval_samples"] == 6 and 0 <= results["eval_stop_rate"] <= 1 and "eval_exact_match" in results

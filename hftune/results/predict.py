@@ -175,7 +175,8 @@ def _answer(trainer, bundle, dataset):
                     "(hftune evaluate) for exact_match and the other answer metrics.")
         return []
     new_tokens = trainer.args.max_new_tokens or DEFAULT_NEW_TOKENS
-    return generation_rows(trainer.model, bundle.processor, dataset, new_tokens, trainer.args.per_device_eval_batch_size)
+    model = trainer.accelerator.unwrap_model(trainer.model)  # the accelerate engine's model may be DDP-wrapped
+    return generation_rows(model, bundle.processor, dataset, new_tokens, trainer.args.per_device_eval_batch_size)
 
 
 def predict(trainer, bundle, args):
