@@ -1,12 +1,15 @@
 """Config layer: YAML + CLI precedence, unknown keys, types, --help, the saved resolved config."""
 
+from importlib import resources
+
 import pytest
 import yaml
 
 from hftune.config import build_parser, field_names, parse_config
 from hftune.errors import HftuneError
 
-SHIPPED_RECIPES = ["text_classification", "causal_lm", "image_classification"]
+SHIPPED_RECIPES = sorted(p.name[: -len(".yaml")] for p in (resources.files("hftune") / "recipes").iterdir()
+                         if p.name.endswith(".yaml"))
 
 
 def write_recipe(tmp_path, **values):
