@@ -464,3 +464,17 @@ def test_the_accelerate_engine_generates_and_scores_answers(tiny_chat_llama, tmp
           write_jsonl(tmp_path / "v.jsonl", color_rows(6, seed=2)), "--output_dir", str(out), "--max_new_tokens", "2"])
     results = read_json(out / "all_results.json")
     assert results["eval_samples"] == 6 and 0 <= results["eval_stop_rate"] <= 1 and "eval_exact_match" in results
+
+
+def test_throughput_leaves_out_the_lm_head_where_it_did_not_run(tiny_chat_llama, tmp_path):
+    from hftune.run import main
+
+    train = write_jsonl(tmp_path / "t.jsonl", color_rows(32))
+    per_token = {}
+    for flag in ("true", "false"):
+        out = tmp_path / flag
+        main(["--model_name_or_path", tiny_chat_llama, "--train_file", train, "--validation_split_percentage", "0",
+              "--do_eval", "false", "--max_steps", "3", "--output_dir", str(out), "--logits_where_trained", flag])
+        per_token[flag] = read_json(out / "all_results.json")["train_model_flops_per_token"]
+    head = 6 * 49152 * 32  # the tiny Llama's LM head: vocabulary x width
+    assert per_token["false"] - per_token["true"] > 0.8 * head  # one-word answers: the head runs at few positions

@@ -145,6 +145,9 @@ class ThroughputCallback(TrainerCallback):
         self.model, self.accelerator = model, accelerator
         self.flattened = isinstance(collator, DataCollatorWithFlattening)
         self.flops_per_token = 6 * matmul_parameters(model)
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        # the head runs only at `logits_to_keep` positions where a batch names them (sft): counted apart
+        self.head_flops = 6 * getattr(head.weight, "ds_numel", head.weight.numel()) if head is not None else 0
         self.flops_per_sample = self.metrics = self._mark = None  # _mark: None outside training's steps
 
     # ---- counting, from the model's forward ----
@@ -156,6 +159,10 @@ class ThroughputCallback(TrainerCallback):
         self._last_input = main
         samples, tokens = batch_counts(kwargs, self.flattened)
         self._samples, self._tokens = self._samples + samples, self._tokens + (tokens or 0)
+        kept = kwargs.get("logits_to_keep")
+        if torch.is_tensor(kept) and tokens is not None:
+            # positions whose logits were not computed (a new number: `+=` on a tensor would change the warm-up's)
+            self._skipped_head = self._skipped_head + int(tokens) - main.shape[0] * kept.numel()
         if tokens is None and self.flops_per_sample is None:
             self._flop_counter = FlopCounterMode(display=False)
             self._flop_counter.__enter__()
@@ -170,7 +177,7 @@ class ThroughputCallback(TrainerCallback):
     # ---- timing ----
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self._samples = self._tokens = self._seconds = self._steps = 0
+        self._samples = self._tokens = self._seconds = self._steps = self._skipped_head = 0
         self._warmup = self._mark = self._last_input = self._flop_counter = None
         self._hooks = [self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
                        self.model.register_forward_hook(self._after_forward, with_kwargs=True)]
@@ -186,7 +193,7 @@ class ThroughputCallback(TrainerCallback):
         self._seconds += now - self._mark
         self._mark, self._steps = now, self._steps + 1
         if self._steps == 1:
-            self._warmup = (self._samples, self._tokens, self._seconds)
+            self._warmup = (self._samples, self._tokens, self._seconds, self._skipped_head)
 
     def on_evaluate(self, args, state, control, **kwargs):
         self._restart_clock()  # evaluating is no training time
@@ -213,15 +220,15 @@ class ThroughputCallback(TrainerCallback):
     # ---- results ----
 
     def _results(self):
-        counts = [self._samples, self._tokens, self._seconds]
+        counts = [self._samples, self._tokens, self._seconds, self._skipped_head]
         if self._steps > 1:  # leave the warm-up step out
             counts = [total - first for total, first in zip(counts, self._warmup)]
         memory, kind = peak_memory(self.accelerator.device)
         mine = torch.tensor([float(c) for c in counts] + [self._peak, memory], dtype=torch.float64,
                             device=self.accelerator.device)
         every = self.accelerator.gather(mine).reshape(-1, len(mine))
-        samples, tokens, peak = every[:, 0].sum().item(), every[:, 1].sum().item(), every[:, 3].sum().item()
-        seconds, memory = every[:, 2].max().item(), every[:, 4].max().item()
+        samples, tokens, peak = every[:, 0].sum().item(), every[:, 1].sum().item(), every[:, 4].sum().item()
+        seconds, memory, skipped = every[:, 2].max().item(), every[:, 5].max().item(), every[:, 3].sum().item()
         source = self._peak_source
         if self.accelerator.num_processes > 1:
             source += f", summed over {self.accelerator.num_processes} processes"
@@ -229,8 +236,9 @@ class ThroughputCallback(TrainerCallback):
                    "train_measured_samples_per_second": samples / seconds}
         if self.flops_per_sample is None:
             metrics["train_real_tokens_per_second"] = tokens / seconds
-            metrics["train_model_flops_per_token"] = self.flops_per_token
-            achieved = self.flops_per_token * tokens / seconds
+            per_token = self.flops_per_token - (self.head_flops * skipped / tokens if skipped and tokens else 0)
+            metrics["train_model_flops_per_token"] = per_token  # the head's skipped positions left out
+            achieved = per_token * tokens / seconds
         else:
             metrics["train_model_flops_per_sample"] = self.flops_per_sample
             achieved = self.flops_per_sample * samples / seconds
