@@ -31,6 +31,7 @@ def test_deepspeed_config_without_deepspeed_is_one_line(capsys, monkeypatch):
     assert "--config_file 'nowhere.yaml' does not exist" in line
 
 
+@pytest.mark.slow
 def test_launch_runs_accelerate_launch(tiny_bert, tweets_csv, tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
