@@ -6,7 +6,6 @@ import os
 
 import pandas as pd
 import pytest
-from PIL import Image
 
 from conftest import fail, read_json
 from hftune.config import DataArguments, ModelArguments
