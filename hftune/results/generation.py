@@ -16,10 +16,10 @@ import logging
 import torch
 
 from hftune.metrics import load_metric
+from hftune.tasks.chat_mask import IGNORE
 
 logger = logging.getLogger("hftune")
 
-IGNORE = -100
 DEFAULT_NEW_TOKENS = 20
 
 

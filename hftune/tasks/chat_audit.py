@@ -40,14 +40,12 @@ def audit(tokenizer, template, dataset, fmt, columns, data_args, split="train"):
         conversation = to_conversation(row, fmt, columns, index, split)
         example = labeller.example(conversation, index, split)
         statuses[example["status"]] += 1
-        text, spans = labeller.render(conversation, f"row {index}")
-        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        _, labels = labeller.encode(conversation, f"row {index}")
-        for role, label in zip(role_of_each_token(labeller, conversation, encoded["offset_mapping"]), labels):
+        text, spans, offsets, _, labels = labeller.labelled(conversation, f"row {index}")
+        for role, label in zip(role_of_each_token(labeller, conversation, offsets), labels):
             seen[role] += 1
             trained[role] += label != IGNORE
         turns += len(spans)
-        ends_trained += sum(end_is_trained(encoded, labels, span) for span in spans)
+        ends_trained += sum(end_is_trained(offsets, labels, span) for span in spans)
         if len(shown) < SHOWN_ROWS:
             shown.append(marked(text, spans))
     lines = [f"sft label audit: {sum(statuses.values())} {split} rows ({fmt}), train_on: {data_args.train_on}, "
@@ -66,9 +64,9 @@ def audit(tokenizer, template, dataset, fmt, columns, data_args, split="train"):
     return lines
 
 
-def end_is_trained(encoded, labels, span):
+def end_is_trained(offsets, labels, span):
     """Whether the last token of a trained span is labelled (its end-of-turn, or the EOS after plain text)."""
-    last = max((k for k, (a, b) in enumerate(encoded["offset_mapping"]) if a < span[1] and span[0] < b), default=None)
+    last = max((k for k, (a, b) in enumerate(offsets) if a < span[1] and span[0] < b), default=None)
     return last is not None and labels[last] != IGNORE
 
 

@@ -68,6 +68,11 @@ class Labeller:
 
     def encode(self, conversation, where):
         """(input_ids, labels) of the whole conversation, untruncated."""
+        _, _, _, ids, labels = self.labelled(conversation, where)
+        return ids, labels
+
+    def labelled(self, conversation, where):
+        """(text, trained spans, token offsets, input_ids, labels) of the whole conversation, untruncated."""
         text, spans = self.render(conversation, where)
         encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids = list(encoded["input_ids"])
@@ -80,7 +85,7 @@ class Labeller:
         elif self.train_on == "assistant" and has_generation_tags(self.template) and not any(
                 m["role"] == "assistant" for m in conversation.messages[: conversation.completion_start]):
             self.check_tags(conversation.messages, ids, labels, where)
-        return ids, labels
+        return text, spans, encoded["offset_mapping"], ids, labels
 
     def render(self, conversation, where):
         """(text, trained character spans)."""

@@ -21,6 +21,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
+from transformers import DataCollatorForSeq2Seq
 
 from hftune.data import apply_batched, limit_splits
 from hftune.errors import HftuneError
@@ -238,8 +239,6 @@ def flattens(data_args, model):
 
 
 def collator(apart, tokenizer, trained_logits):
-    from transformers import DataCollatorForSeq2Seq
-
     # labels padded with -100, never masked by token id: with pad == eos the trained EOS stays trained
     pad = FlatteningCollator() if apart else DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE)
     return LogitsWhereTrained(pad) if trained_logits else pad
