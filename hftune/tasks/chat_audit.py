@@ -90,7 +90,8 @@ def main(argv):
     from hftune.data import load_raw_datasets, limit_splits
     from hftune.tasks.chat import detect_format
     from hftune.tasks.common import pretrained_source, processor_path
-    from hftune.tasks.sft import columns_of, load_template, needs_template
+    from hftune.tasks.chat_template import load_template, needs_template
+    from hftune.tasks.sft import columns_of
 
     model_args, data_args, training_args = parse_config(["--task", "sft", *argv])
     path, common = pretrained_source(model_args)
@@ -99,6 +100,7 @@ def main(argv):
         tokenizer.pad_token = tokenizer.eos_token
     raw = limit_splits(load_raw_datasets(data_args, training_args.seed, model_args.cache_dir), data_args)
     fmt = detect_format(raw["train"].column_names, data_args.data_format, columns_of(data_args))
-    template = load_template(tokenizer, None, data_args, model_args.tokenizer_name or model_args.model_name_or_path,
-                             needs_template(raw["train"], fmt, data_args))
+    template = load_template(tokenizer, None, data_args.chat_template,
+                             model_args.tokenizer_name or model_args.model_name_or_path,
+                             needs_template(raw["train"], columns_of(data_args), fmt))
     print("\n".join(audit(tokenizer, template, raw["train"], fmt, columns_of(data_args), data_args)))
