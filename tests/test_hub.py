@@ -18,6 +18,7 @@ import pytest
 
 from conftest import fail, strategy_args, write_tweet_split
 from hub_server import FakeHub
+from test_sft import color_rows, write_jsonl
 
 TOKEN = "hf_FAKE" + secrets.token_hex(16)  # random: a hit in a file can only come from this run
 LOCKED = "someone-else"  # a namespace the token may not write to: the server answers 403
@@ -33,6 +34,9 @@ RUNS = {
     "merged": (dict(hub_model_id="user/tiny-merged", hub_strategy="end", peft="lora", merge_adapter="true",
                     hub_push_merged="true", engine="accelerate"), {}),
     "refused": (dict(hub_model_id=f"{LOCKED}/tiny", max_steps=2), {}),
+    # sft on the tiny chat Llama (model and data set in `runs`)
+    "chat": (dict(hub_model_id="user/tiny-chat", hub_strategy="end", label_column=None, max_seq_length=None,
+                  max_new_tokens=2, do_eval="true"), {}),
 }
 TEXTS = ["I love this so much", "worst day ever, nothing works", "the meeting is at 3pm", "meh"]
 
@@ -53,15 +57,18 @@ def client_env(hub, home, **changes):
 
 
 @pytest.fixture(scope="module")
-def runs(hub, tiny_bert, tweets, tmp_path_factory):
+def runs(hub, tiny_bert, tiny_chat_llama, tweets, tmp_path_factory):
     """{name: (CompletedProcess-like dict, output_dir)} for every run in RUNS, run concurrently."""
     root = tmp_path_factory.mktemp("hub-runs")
     train, validation = write_tweet_split(tweets, root, rows=160, train_rows=128)
+    chat = [write_jsonl(root / f"chat-{split}.jsonl", color_rows(n, seed)) for split, n, seed in (("train", 32, 0),
+                                                                                                 ("validation", 8, 1))]
     started = {}
     for name, (flags, env_changes) in RUNS.items():
         out = root / name
         settings = {"max_steps": 6, "learning_rate": 1e-3, **flags}
-        args = strategy_args(tiny_bert, out, train, validation, push_to_hub="true", **settings)
+        model, data = (tiny_chat_llama, chat) if name == "chat" else (tiny_bert, (train, validation))
+        args = strategy_args(model, out, *data, push_to_hub="true", **settings)
         started[name] = (subprocess.Popen(
             [sys.executable, "-m", "hftune", *args], env=client_env(hub, root / f"home-{name}", **env_changes),
             cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), out)
@@ -181,6 +188,20 @@ def test_the_token_is_written_nowhere(runs):
             assert any(p.name == "training_args.bin" for p in files)
         leaks = [str(p) for p in files if TOKEN.encode() in p.read_bytes()]
         assert not leaks, leaks
+
+
+@pytest.mark.slow
+def test_an_sft_model_is_pushed_with_its_template_stop_tokens_and_card(hub, runs):
+    """What a chat model needs to be used as trained: the tokenizer's chat template, the generation
+    config's end-of-turn EOS, and the card's generation metrics, exactly as saved locally."""
+    out = runs["chat"][1]
+    pushed = hub.files("user/tiny-chat")
+    for name in ("model.safetensors", "tokenizer_config.json", "generation_config.json", "README.md"):
+        assert pushed[name] == (out / name).read_bytes(), name
+    assert "chat_template" in json.loads(pushed["tokenizer_config.json"]) or "chat_template.jinja" in pushed
+    assert json.loads(pushed["generation_config.json"])["eos_token_id"] is not None
+    card = pushed["README.md"].decode()
+    assert "Task: **sft**" in card and "exact_match" in card and '"role": "user"' in card
 
 
 def assert_fails_after_training(stdout, stderr, out, words):

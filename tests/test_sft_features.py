@@ -113,8 +113,7 @@ def test_launches_equal_one_process(config, extra, tiny_chat_llama, tmp_path):
     give the one-process losses and a model that loads with from_pretrained."""
     train = write_jsonl(tmp_path / "train.jsonl", answer_rows(16))
     batch = 8 if "pipeline" in config else 4
-    launch(config, 2, sft_args(tiny_chat_llama, train, tmp_path / "two", per_device_train_batch_size=batch) + extra,
-           **({} if "pipeline" in config else {"cwd": tmp_path}))
+    launch(config, 2, sft_args(tiny_chat_llama, train, tmp_path / "two", per_device_train_batch_size=batch) + extra)
     run_engine(sft_args(tiny_chat_llama, train, tmp_path / "one", per_device_train_batch_size=8))
     assert logged_losses(tmp_path / "two") == pytest.approx(logged_losses(tmp_path / "one"), abs=1e-4)
     two, one = trained_weights(tmp_path / "two"), trained_weights(tmp_path / "one")

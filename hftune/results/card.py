@@ -135,6 +135,12 @@ def dataset_facts(data_args):
 
 def problem_text(bundle, data_args):
     """What the head predicts, where it is not one class per example (which the task name says)."""
+    if bundle.answers:  # sft
+        turns = {"assistant": "every assistant turn", "last_assistant": "the last assistant turn",
+                 "all": "the whole text"}[data_args.train_on]
+        return (f"\n\nTask: **sft** (supervised fine-tuning on instructions and conversations): the loss covers "
+                f"{turns} and its end-of-turn token, rendered with the chat template saved with the tokenizer; "
+                "generation stops at that end-of-turn (generation_config.json).")
     config = bundle.model.config
     kind, column = getattr(config, "problem_type", None), data_args.label_column
     if kind == "regression":
@@ -345,8 +351,10 @@ def base_reference(model_args):
     return "", f'"{name}"'
 
 
-def pipeline_snippet(task, ref):
-    return f'```python\nfrom transformers import pipeline\n\npipe = pipeline("{task}", model="{ref}")\n```'
+def pipeline_snippet(task, ref, chat=False):
+    ask = '\npipe([{"role": "user", "content": "Hello!"}], max_new_tokens=64)  # the chat template is applied' if chat \
+        else ""
+    return f'```python\nfrom transformers import pipeline\n\npipe = pipeline("{task}", model="{ref}"){ask}\n```'
 
 
 def adapter_snippet(bundle, model_args, ref):
@@ -364,12 +372,12 @@ def usage_section(bundle, model_args, args):
     # a merged push (hftune/results/hub.py's hub_push_merged) puts a plain checkpoint in the repo the card describes
     merged_on_hub = args.push_to_hub and args.hub_push_merged and ref == args.hub_model_id
     if bundle.adapter is None or merged_on_hub:
-        return f"## How to use\n\n{pipeline_snippet(task, ref)}"
+        return f"## How to use\n\n{pipeline_snippet(task, ref, bundle.answers)}"
     text = (f"## How to use\n\nThis folder holds a PEFT adapter ({describe(model_args)}):\n\n"
             + adapter_snippet(bundle, model_args, ref))
     if model_args.merge_adapter:
         text += ("\n\nBase and adapter merged into a plain checkpoint (on disk where the run wrote it):\n\n"
-                 + pipeline_snippet(task, os.path.join(os.path.abspath(args.output_dir), MERGED_DIR)))
+                 + pipeline_snippet(task, os.path.join(os.path.abspath(args.output_dir), MERGED_DIR), bundle.answers))
     return text
 
 

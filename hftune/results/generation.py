@@ -41,26 +41,30 @@ def stop_ids(model, tokenizer):
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts, max_new_tokens, batch_size):
-    """[(new token ids, stopped)] per prompt: greedy, left-padded batches, stopping at any stop id."""
+    """[(new token ids, stopped)] per prompt: greedy, left-padded batches, stopping at any stop id.
+    Batches are formed from prompts of similar length (less padding to prefill), answers come back
+    in the prompts' order."""
     stops = stop_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     device, training = next(model.parameters()).device, model.training
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     model.eval()
-    answers = []
+    answers = {}
     try:
-        for first in range(0, len(prompts), batch_size):
-            batch = prompts[first:first + batch_size]
+        for first in range(0, len(order), batch_size):
+            chosen = order[first:first + batch_size]
+            batch = [prompts[i] for i in chosen]
             width = max(len(p) for p in batch)
             ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)
             mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
             output = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                     do_sample=False, num_beams=1, eos_token_id=stops, pad_token_id=pad)
-            for new in output[:, width:].tolist():
+            for i, new in zip(chosen, output[:, width:].tolist()):
                 end = next((k for k, t in enumerate(new) if t in stops), None)
-                answers.append((new if end is None else new[: end + 1], end is not None))
+                answers[i] = (new if end is None else new[: end + 1], end is not None)
     finally:
         model.train(training)
-    return answers
+    return [answers[i] for i in range(len(prompts))]
 
 
 def answer_text(tokenizer, ids):
