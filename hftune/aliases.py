@@ -26,6 +26,7 @@ def _same(value):
 ALIASES = {
     "label_column_name": ("label_column", _same),
     "text_column_names": ("text_column", _same),  # several columns, comma-separated: joined with a space
+    "text_column_name": ("text_column", _same),  # run_ner.py: the words column
     "image_column_name": ("image_column", _same),
     "train_val_split": ("validation_split_percentage", _percent),  # a fraction there, a percentage here
     "train_dir": ("train_file", _same),

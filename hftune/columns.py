@@ -21,6 +21,8 @@ TEXT_PAIRS = (("sentence1", "sentence2"), ("question", "sentence"), ("question1"
 TEXTS = ("text", "sentence")
 LABELS = ("label", "labels")
 IMAGES = ("image", "img")
+WORDS = ("tokens", "words")  # token-classification: a list of words per row (run_ner.py's names) ...
+TAGS = ("ner_tags", "pos_tags", "chunk_tags", "tags", "labels", "label")  # ... and a list of their tags
 
 
 def reads(data_args, name):
@@ -70,6 +72,28 @@ def _string_columns(dataset):
 def detect_columns(raw, data_args):
     """Fill data_args' unset column fields from the train split's columns; log what was found."""
     columns = _string_columns(raw["train"])
+    found = _word_columns(data_args, columns) if reads_words(data_args) else _table_columns(data_args, columns)
+    found = {key: value for key, value in found.items() if value is not None}
+    for key, value in found.items():
+        setattr(data_args, key, value)
+    if found:
+        logger.info("columns: " + ", ".join(f"{k}={v}" for k, v in found.items()) + " (detected; set them to change)")
+    return join_text_columns(raw, data_args)
+
+
+def reads_words(data_args):
+    return data_args.task is not None and traits(data_args.task).inputs == "words"
+
+
+def _word_columns(data_args, columns):
+    found = {}
+    for key, candidates in (("text_column", WORDS), ("label_column", TAGS)):
+        if getattr(data_args, key) is None:
+            found[key] = _required(data_args, key, _one_of(candidates, columns), candidates, columns)
+    return found
+
+
+def _table_columns(data_args, columns):
     found = {}
     if needs_labels(data_args) and data_args.label_column is None:
         found["label_column"] = _required(data_args, "label_column", _one_of(LABELS, columns), LABELS, columns)
@@ -82,12 +106,7 @@ def detect_columns(raw, data_args):
             found["text_column"] = _text(columns, label)
     if reads(data_args, "image_column") and data_args.image_column is None:
         found["image_column"] = _required(data_args, "image_column", _one_of(IMAGES, columns), IMAGES, columns)
-    found = {key: value for key, value in found.items() if value is not None}
-    for key, value in found.items():
-        setattr(data_args, key, value)
-    if found:
-        logger.info("columns: " + ", ".join(f"{k}={v}" for k, v in found.items()) + " (detected; set them to change)")
-    return join_text_columns(raw, data_args)
+    return found
 
 
 def join_text_columns(raw, data_args):

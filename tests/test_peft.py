@@ -308,6 +308,8 @@ def test_two_process_lora_matches_one_process(config, launch_args, one_process, 
     (dict(peft=None, lora_r=8), "lora_r is set but peft is not"),
     (dict(peft="loar"), "unknown peft 'loar'. Did you mean 'lora'?"),
     (dict(peft="ia3", use_dora="true"), "use_dora does not apply to peft ia3"),
+    (dict(lora_layers_to_transform="top"), "lora_layers_to_transform 'top': give layer indices"),
+    (dict(lora_layers_to_transform="7"), "lora_layers_to_transform: layer 7 is not among the 2 layers"),
 ])
 def test_bad_peft_input_is_one_line(overrides, message, tiny_bert, tweet_files, tmp_path, capsys):
     args = strategy_args(tiny_bert, tmp_path / "out", *tweet_files, **{"peft": "lora", **overrides})

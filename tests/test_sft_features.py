@@ -73,6 +73,20 @@ def test_pruning_reaches_its_sparsity(tiny_chat_llama, colors, tmp_path):
     assert zeros / sum(state[name].numel() for name in report["layers"]) == pytest.approx(0.5, abs=0.01)
 
 
+def test_lora_on_the_upper_layers_only(tiny_chat_llama, colors, tmp_path):
+    """lora_layers_to_transform: adapters in layer 1 only, and they train."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "out"
+    _, history = run_engine(sft_args(tiny_chat_llama, colors, out, peft="lora", lora_layers_to_transform="1",
+                                     lora_target_modules="all-linear", learning_rate=5e-2, max_steps=6))
+    adapters = load_file(out / "adapter_model.safetensors")
+    assert adapters and all(".layers.1." in name for name in adapters)
+    assert any("mlp.down_proj" in name for name in adapters) and not any("lm_head" in name for name in adapters)
+    losses = [e["loss"] for e in history if "loss" in e]
+    assert losses[-1] < losses[0]
+
+
 def answer_kl(teacher, student, tokenizer, rows):
     """KL(teacher || student) of the first answer token after each row's prompt: a trained position."""
     prompts = [tokenizer.apply_chat_template(r["messages"][:1], add_generation_prompt=True, tokenize=False)

@@ -105,3 +105,20 @@ def test_image_classification_flops_from_the_flop_counter(tmp_path, tiny_resnet,
     assert results["train_model_flops_per_sample"] == pytest.approx(per_sample)
     assert results["train_model_flops_per_second"] == pytest.approx(
         per_sample * results["train_measured_samples_per_second"])
+
+
+def test_frozen_weights_count_only_the_passes_they_take_part_in(tmp_path, tiny_bert, tweets_csv):
+    """Full fine-tuning 6N per token; LoRA on every layer ~4N (forward, and gradients back through every
+    layer, no weight gradients); LoRA on the upper layer only: less, as its backward stops there."""
+    from safetensors.torch import load_file
+
+    per_token = {}
+    for name, extra in (("full", {}), ("lora", {"peft": "lora", "lora_r": 2}),
+                        ("upper", {"peft": "lora", "lora_r": 2, "lora_layers_to_transform": "1"})):
+        run_engine(strategy_args(tiny_bert, tmp_path / name, *tweets_csv, max_steps=2, **extra))
+        per_token[name] = read_json(tmp_path / name / "all_results.json")["train_model_flops_per_token"]
+    n = AutoModelForSequenceClassification.from_pretrained(tmp_path / "full").num_parameters(exclude_embeddings=True)
+    trained = sum(t.numel() for t in load_file(tmp_path / "lora" / "adapter_model.safetensors").values())
+    assert per_token["full"] == 6 * n
+    assert 4 * n < per_token["lora"] <= 4 * n + 6 * trained  # the adapters and the trained head: 6 each
+    assert 2.5 * n < per_token["upper"] < per_token["lora"] - 0.5 * n

@@ -59,6 +59,11 @@ class ModelFields:
         default=None,
         metadata={"help": "Modules trained and saved in full beside the adapter; default for classification: the head."},
     )
+    lora_layers_to_transform: str = field(
+        default=None,
+        metadata={"help": "peft lora: adapt only these layers (peft's layers_to_transform): indices, comma-separated, "
+                          "or a range such as 15-29. Layers below the lowest adapted one need no backward pass."},
+    )
     use_dora: bool = field(default=False, metadata={"help": "peft lora: weight-decomposed LoRA (DoRA)."})
     use_rslora: bool = field(default=False, metadata={"help": "peft lora: rank-stabilised scaling alpha / sqrt(r)."})
     num_virtual_tokens: int = field(
@@ -74,7 +79,8 @@ class ModelFields:
 
 ADAPTABLE = (nn.Linear, Conv1D, nn.Conv2d)  # the layer types named in error messages
 
-LORA_FIELDS = ("lora_r", "lora_alpha", "lora_dropout", "use_dora", "use_rslora", "load_in_4bit")
+LORA_FIELDS = ("lora_r", "lora_alpha", "lora_dropout", "lora_layers_to_transform", "use_dora", "use_rslora",
+               "load_in_4bit")
 MODULE_FIELDS = ("lora_target_modules", "lora_modules_to_save", "merge_adapter")
 PROMPT_FIELDS = ("num_virtual_tokens",)
 
@@ -86,7 +92,29 @@ def _lora(model_args, targets, to_save, task_type):
         r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
         use_dora=model_args.use_dora, use_rslora=model_args.use_rslora, target_modules=targets,
         modules_to_save=to_save, task_type=task_type, revision=model_args.model_revision,
+        layers_to_transform=layer_indices(model_args.lora_layers_to_transform),
     )
+
+
+def layer_indices(value):
+    """lora_layers_to_transform as peft takes it: None, or a list of layer indices.
+
+    >>> layer_indices("3-5"), layer_indices("0, 2"), layer_indices(None)
+    ([3, 4, 5], [0, 2], None)
+    """
+    if value is None:
+        return None
+    indices = []
+    try:
+        for part in str(value).split(","):
+            first, _, last = part.strip().partition("-")
+            indices += range(int(first), int(last or first) + 1)
+    except ValueError:
+        raise HftuneError(f"lora_layers_to_transform '{value}': give layer indices, comma-separated, or a range "
+                          "such as 15-29.") from None
+    if not indices:
+        raise HftuneError(f"lora_layers_to_transform '{value}' names no layer; give e.g. 15-29.")
+    return sorted(set(indices))
 
 
 def _ia3(model_args, targets, to_save, task_type):
@@ -174,6 +202,7 @@ def _check_values(model_args):
         raise HftuneError(f"lora_dropout must be in [0, 1), got {model_args.lora_dropout}.")
     if model_args.num_virtual_tokens < 1:
         raise HftuneError(f"num_virtual_tokens must be >= 1, got {model_args.num_virtual_tokens}.")
+    layer_indices(model_args.lora_layers_to_transform)
 
 
 def _check_combinations(method, args):
@@ -245,6 +274,12 @@ def default_target_modules(model):
     return sorted(targets)
 
 
+def linear_layer_names(model):
+    """What peft's 'all-linear' adapts, as names: every Linear layer's but the output head's."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return sorted({_leaf(n) for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D)) and m is not head})
+
+
 def _outermost(names):
     """Drop names inside another listed module (peft wraps the outer one whole)."""
     return [n for n in dict.fromkeys(names) if not any(n.startswith(other + ".") for other in names)]
@@ -308,6 +343,14 @@ def check_module_names(model, names, key, layers_only=False):
                               f"valid names include {valid[:12]}.")
 
 
+def check_layers(model, indices):
+    count = getattr(model.config.get_text_config(), "num_hidden_layers", None)
+    outside = [i for i in indices or () if count is not None and i >= count]
+    if outside:
+        raise HftuneError(f"lora_layers_to_transform: layer {outside[0]} is not among the {count} layers of "
+                          f"{type(model).__name__} (0-{count - 1}).")
+
+
 # ---- applying and saving ----
 
 def apply_peft(model, model_args, data_args, training_args):
@@ -320,10 +363,13 @@ def apply_peft(model, model_args, data_args, training_args):
     targets = to_save = None
     if spec.wraps_modules:
         targets = _names(model_args.lora_target_modules) or default_target_modules(model)
+        if targets == "all-linear" and getattr(model_args, "lora_layers_to_transform", None):
+            targets = linear_layer_names(model)  # peft takes layers_to_transform with a list of names only
         to_save = _names(model_args.lora_modules_to_save) or default_modules_to_save(model, task)
         warn_unsaved(model, to_save)
         check_module_names(model, targets, "lora_target_modules", layers_only=True)
         check_module_names(model, to_save, "lora_modules_to_save")
+        check_layers(model, layer_indices(getattr(model_args, "lora_layers_to_transform", None)))
     if model_args.load_in_4bit:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=training_args.gradient_checkpointing)
     # copies: peft's sequence-classification model appends its own head names to the list it is given
@@ -347,7 +393,8 @@ def describe(model_args):
     variant = "DoRA" if model_args.use_dora else "LoRA"
     scaling = "rsLoRA alpha/sqrt(r)" if model_args.use_rslora else "alpha/r"
     return (f"{variant} (r={model_args.lora_r}, lora_alpha={model_args.lora_alpha}, {scaling}, "
-            f"lora_dropout={model_args.lora_dropout}{', 4-bit base' if model_args.load_in_4bit else ''})")
+            f"lora_dropout={model_args.lora_dropout}{', 4-bit base' if model_args.load_in_4bit else ''}"
+            + (f", layers {model_args.lora_layers_to_transform}" if model_args.lora_layers_to_transform else "") + ")")
 
 
 @contextmanager

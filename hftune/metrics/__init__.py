@@ -20,7 +20,7 @@ from huggingface_hub import constants
 
 logger = logging.getLogger(__name__)
 
-LOCAL_METRICS = ("accuracy", "f1", "mse", "pearsonr", "spearmanr", "exact_match", "rouge", "token_f1")
+LOCAL_METRICS = ("accuracy", "f1", "mse", "pearsonr", "spearmanr", "exact_match", "rouge", "token_f1", "seqeval")
 # evaluate's mse passes `squared` to sklearn's mean_squared_error, which scikit-learn 1.6 removed;
 # token_f1 is hftune's own (the Hub has none of that name).
 LOCAL_FIRST = ("mse", "token_f1")

@@ -13,10 +13,12 @@ What is measured, per process, then added up over processes:
   A line-search optimizer re-running one batch counts it once. Images have no tokens.
 - Model FLOPs, by the usual MFU convention (PaLM, Megatron): the FLOPs the model needs, not what
   the hardware ran (activation recomputation and line-search re-runs are overhead, not work):
-  - token inputs: 6 x N per real token, N = the non-embedding parameters (as Trainer's
-    floating_point_ops and Kaplan et al.'s C = 6N), plus an output head tied to the input embedding,
-    whose matmul runs on every token. Attention's sequence-length term is not counted (small at
-    the lengths fine-tuning uses), nor frozen weights discounted (PEFT: MFU still uses 6N).
+  - token inputs: 6 x N per real token when every weight trains, N = the non-embedding parameters
+    (as Trainer's floating_point_ops and Kaplan et al.'s C = 6N), plus an output head tied to the
+    input embedding, whose matmul runs on every token. With frozen weights (PEFT, frozen layers)
+    each weight counts 2 (forward) + 2 where the backward pass runs through it (it comes after the
+    first trainable parameter) + 2 where it trains itself: LoRA on every layer is ~4N, on the upper
+    half ~3N. Attention's sequence-length term is not counted (small at fine-tuning's lengths).
   - other inputs (CNNs, 6N per token does not apply): 3 x the forward FLOPs that
     torch.utils.flop_counter.FlopCounterMode counts on the first training batch, per sample.
   Trainer's own total_flos uses 6 x N x every input element, padding and pixels included.
@@ -80,14 +82,25 @@ def batch_counts(inputs, flattened=False):
     return ids.shape[0], ids.numel()
 
 
-def matmul_parameters(model):
-    """Parameters that take part in a matmul for every token: all but the input embeddings (a lookup),
-    counting an output head tied to them. ZeRO-3 leaves a stub per parameter: ds_numel is its size."""
+def training_flops_per_parameter(model):
+    """{id(parameter): training FLOPs per token per element} for the parameters that take part in a
+    matmul for every token: all but the input embeddings (a lookup), counting an output head tied to
+    them. 2 forward, 2 where gradients flow back through it (registered after the first trainable
+    parameter: the models' layer order), 2 where it trains."""
     lookups = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is not None:
         lookups.discard(id(head.weight))
-    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if id(p) not in lookups)
+    flops, backward = {}, False
+    for p in model.parameters():
+        backward = backward or p.requires_grad
+        if id(p) not in lookups:
+            flops[id(p)] = 2 + 2 * backward + 2 * p.requires_grad
+    return flops
+
+
+def numel(p):
+    return getattr(p, "ds_numel", p.numel())  # ZeRO-3 leaves a stub per parameter: ds_numel is its size
 
 
 def _synchronize(device):
@@ -144,11 +157,16 @@ class ThroughputCallback(TrainerCallback):
     def __init__(self, model, accelerator, collator=None):
         self.model, self.accelerator = model, accelerator
         self.flattened = isinstance(collator, DataCollatorWithFlattening)
-        self.flops_per_token = 6 * matmul_parameters(model)
+        self.flops_per_sample = self.metrics = self._mark = None  # _mark: None outside training's steps
+
+    def _count_flops(self):
+        """Per-token FLOPs, once training starts: only then is it settled which weights train (PEFT)."""
+        model = self.model
+        per_element = training_flops_per_parameter(model)
+        self.flops_per_token = sum(per_element[id(p)] * numel(p) for p in model.parameters() if id(p) in per_element)
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         # the head runs only at `logits_to_keep` positions where a batch names them (sft): counted apart
-        self.head_flops = 6 * getattr(head.weight, "ds_numel", head.weight.numel()) if head is not None else 0
-        self.flops_per_sample = self.metrics = self._mark = None  # _mark: None outside training's steps
+        self.head_flops = per_element[id(head.weight)] * numel(head.weight) if head is not None else 0
 
     # ---- counting, from the model's forward ----
 
@@ -177,6 +195,7 @@ class ThroughputCallback(TrainerCallback):
     # ---- timing ----
 
     def on_train_begin(self, args, state, control, **kwargs):
+        self._count_flops()
         self._samples = self._tokens = self._seconds = self._steps = self._skipped_head = 0
         self._warmup = self._mark = self._last_input = self._flop_counter = None
         self._hooks = [self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True),

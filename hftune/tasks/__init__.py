@@ -20,6 +20,7 @@ TASKS = {
     "text-classification": "hftune.tasks.text_classification",
     "causal-lm": "hftune.tasks.causal_lm",
     "sft": "hftune.tasks.sft",
+    "token-classification": "hftune.tasks.token_classification",
     "image-classification": "hftune.tasks.image_classification",
 }
 

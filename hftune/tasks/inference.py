@@ -73,7 +73,19 @@ def data_kind(data_args):
         return suffix, f"train_file {os.path.basename(path)}"
     if is_chat_table(path, suffix, data_args):
         return "chat", f"the columns of train_file {os.path.basename(path)}"
+    if is_word_table(path, suffix):
+        return "words", f"the columns of train_file {os.path.basename(path)} (words and their tags)"
     return None, None
+
+
+def is_word_table(path, suffix):
+    from hftune.columns import TAGS, WORDS
+
+    try:
+        columns = file_columns(path, suffix)
+    except (OSError, ValueError):
+        return False
+    return any(c in columns for c in WORDS) and any(c in columns for c in TAGS if c.endswith("tags"))
 
 
 def is_chat_table(path, suffix, data_args):
@@ -117,6 +129,8 @@ def takes(task_traits):
         return "lm", (".txt",)
     if task_traits.inputs == "image":
         return "image", ("folder",)
+    if task_traits.inputs == "words":
+        return "text", ("words",)
     return "text", ()
 
 
@@ -125,9 +139,10 @@ def infer_task(model_args, data_args):
     config = checkpoint_config(model_args)
     kind, model_source = checkpoint_kind(config) if config is not None else (None, None)
     files, data_source = data_kind(data_args)
-    # a language model takes chat data for sft, any other data as causal-lm
+    # a language model takes chat data for sft, any other data as causal-lm; an encoder takes word-tagged
+    # data for token-classification, any other as text-classification
     by_model = {name for name in TASKS if takes(traits(name))[0] == kind
-                and (traits(name).inputs == "chat") == (files == "chat")}
+                and (traits(name).inputs in ("chat", "words")) == (files in ("chat", "words"))}
     by_data = {name for name in TASKS if files in takes(traits(name))[1]}
     if by_data and by_model and not by_model & by_data:
         raise HftuneError(f"task is not set, and {model_source} suggests {' or '.join(sorted(by_model))} while "

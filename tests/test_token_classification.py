@@ -1,0 +1,116 @@
+"""token-classification: labels aligned to sub-tokens, seqeval's entity-level metrics, a run that
+learns, the saved model in pipeline("token-classification"), task inference and bad input."""
+
+import json
+import random
+
+import pytest
+from seqeval.metrics import f1_score, precision_score, recall_score
+from transformers import AutoTokenizer, pipeline
+
+from conftest import fail, read_json
+from hftune.metrics import load_metric
+from hftune.tasks.token_classification import IGNORE, align_labels, continuation_ids
+
+NAMES = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
+PEOPLE = [["Ada", "Lovelace"], ["Alan", "Turing"], ["Grace", "Hopper"], ["Tim", "Berners-Lee"]]
+PLACES = [["Paris"], ["New", "York"], ["Kathmandu"], ["Rio", "de", "Janeiro"]]
+
+
+def sentences(n, seed=0):
+    """Learnable rows: '<person> flew to <place> yesterday' with BIO tags (strings)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        person, place = rng.choice(PEOPLE), rng.choice(PLACES)
+        words = person + ["flew", "to"] + place + ["yesterday"]
+        tags = (["B-PER"] + ["I-PER"] * (len(person) - 1) + ["O", "O"] + ["B-LOC"] + ["I-LOC"] * (len(place) - 1)
+                + ["O"])
+        rows.append({"tokens": words, "ner_tags": tags})
+    return rows
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_each_word_s_first_sub_token_carries_its_tag(tiny_bert):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    words, tags = ["Tim", "Berners-Lee", "visited", "Kathmandu"], [1, 2, 0, 3]
+    encoded = tokenizer(words, is_split_into_words=True)
+    word_ids = encoded.word_ids()
+    assert len(word_ids) > len(words) + 2  # some words are several sub-tokens
+    first = align_labels(word_ids, tags, False, continuation_ids(NAMES))
+    every = align_labels(word_ids, tags, True, continuation_ids(NAMES))
+    previous = None
+    for position, word in enumerate(word_ids):
+        if word is None:
+            assert first[position] == every[position] == IGNORE
+        elif word != previous:
+            assert first[position] == every[position] == tags[word]
+        else:
+            assert first[position] == IGNORE
+            assert every[position] == (4 if tags[word] == 3 else tags[word])  # B-LOC's continuation is I-LOC
+        previous = word
+
+
+def test_entity_scores_are_seqeval_s():
+    references = [["B-PER", "I-PER", "O", "B-LOC"], ["B-LOC", "I-LOC", "O", "B-PER"]]
+    predictions = [["B-PER", "I-PER", "O", "O"], ["B-LOC", "O", "O", "B-PER"]]  # 2 of 4 entities exactly right
+    scores = load_metric("seqeval").compute(predictions=predictions, references=references)
+    assert scores["overall_precision"] == pytest.approx(2 / 3) == precision_score(references, predictions)
+    assert scores["overall_recall"] == pytest.approx(0.5) == recall_score(references, predictions)
+    assert scores["overall_f1"] == pytest.approx(f1_score(references, predictions))
+    assert scores["overall_accuracy"] == pytest.approx(6 / 8)
+    assert scores["PER"] == {"precision": 1.0, "recall": 1.0, "f1": 1.0, "number": 2}
+
+
+def test_a_run_learns_the_tags_and_the_model_loads_in_a_pipeline(tiny_bert, tmp_path):
+    from hftune.run import main
+
+    out = tmp_path / "out"
+    main(["--model_name_or_path", tiny_bert, "--train_file", write_jsonl(tmp_path / "train.jsonl", sentences(192)),
+          "--validation_file", write_jsonl(tmp_path / "validation.jsonl", sentences(48, seed=1)),
+          "--output_dir", str(out), "--num_train_epochs", "6", "--learning_rate", "5e-3", "--eval_strategy", "epoch",
+          "--eval_on_start", "true", "--per_device_train_batch_size", "16", "--logging_steps", "4",
+          "--return_entity_level_metrics", "true", "--report_to", "none", "--seed", "0"])
+    assert "task: token-classification" in (out / "hftune_config.yaml").read_text()  # inferred from the columns
+    history = read_json(out / "trainer_state.json")["log_history"]
+    f1 = [e["eval_f1"] for e in history if "eval_f1" in e]
+    losses = [e["loss"] for e in history if "loss" in e]
+    assert losses[-1] < 0.5 * losses[0] and f1[-1] > f1[0] + 0.5, (losses, f1)
+    results = read_json(out / "all_results.json")
+    assert {"eval_precision", "eval_recall", "eval_accuracy", "eval_PER_f1", "eval_LOC_f1"} <= set(results)
+    tagger = pipeline("token-classification", model=str(out), aggregation_strategy="simple")
+    entities = tagger("Grace Hopper flew to Paris yesterday")
+    assert [(e["entity_group"], e["word"]) for e in entities] == [("PER", "grace hopper"), ("LOC", "paris")]
+
+
+def test_bad_input_is_one_line(tiny_bert, tmp_path, capsys):
+    train = tmp_path / "train.jsonl"
+    args = ["--model_name_or_path", tiny_bert, "--task", "token-classification", "--train_file", str(train),
+            "--output_dir", str(tmp_path / "out"), "--validation_split_percentage", "0", "--do_eval", "false"]
+    write_jsonl(train, [{"tokens": "Ada flew", "ner_tags": ["B-PER", "O"]}] * 4)
+    assert "text_column 'tokens' holds str, not a list of words" in fail(capsys, args)
+    write_jsonl(train, [{"words": ["Ada"], "ner_tags": ["B-PER"]}, {"words": ["to"], "ner_tags": [0]}] * 2)
+    assert "label_column 'ner_tags' mixes ['int', 'str'] tags" in fail(capsys, args)
+    write_jsonl(train, [{"sentence": "Ada flew", "tag": "x"}] * 4)
+    assert "no text column (tokens or words)" in fail(capsys, args)
+
+
+def test_run_ner_command_runs_as_written(tiny_bert, tmp_path):
+    """run_ner.py's test command shape (its column names, label_all_tokens), hftune/run.py in its place."""
+    from hftune.run import main
+
+    rows = [{"words": r["tokens"], "tags": r["ner_tags"]} for r in sentences(32)]
+    out = tmp_path / "ner-run"
+    main(["--model_name_or_path", tiny_bert, "--train_file", write_jsonl(tmp_path / "train.json", rows),
+          "--validation_file", write_jsonl(tmp_path / "dev.json", rows[:8]), "--text_column_name", "words",
+          "--label_column_name", "tags", "--task", "token-classification", "--label_all_tokens", "true",
+          "--do_train", "--do_eval", "--max_steps", "4", "--per_device_train_batch_size", "8",
+          "--output_dir", str(out)])
+    results = read_json(out / "all_results.json")
+    assert results["eval_samples"] == 8 and 0 <= results["eval_f1"] <= 1
+    config = read_json(out / "config.json")
+    assert sorted(config["id2label"].values()) == sorted(NAMES)
