@@ -330,15 +330,16 @@ def sft_workload(opts, folder, corpus):
         rows = [json.loads(line)["messages"] for line, _ in zip(handle, range(shared["max_train_samples"]))]
     tokens = statistics.mean(len(tokenizer(tokenizer.apply_chat_template(m, tokenize=False), add_special_tokens=False,
                                            truncation=True, max_length=sizes["length"])["input_ids"]) for m in rows)
-    full_training = dict(max_new_tokens=4)  # the recipe's LoRA is dropped: both sides train every weight
+    full_training = dict(max_new_tokens=4)  # the recipe's LoRA and packing are dropped: hftune's defaults,
+    recipe_only = ("peft", "lora_target_modules", "lora_layers_to_transform", "lora_dropout", "packing")  # all weights
     variants = [
         Variant("baseline-padded", "baseline", tokens_per_sample=tokens),
-        Variant("hftune", "hftune", full_training, drop=("peft",), tokens_per_sample=tokens),
-        Variant("hftune-padding-free", "hftune", dict(full_training, padding_free="true"), drop=("peft",),
+        Variant("hftune", "hftune", full_training, drop=recipe_only, tokens_per_sample=tokens),
+        Variant("hftune-padding-free", "hftune", dict(full_training, padding_free="true"), drop=recipe_only,
                 tokens_per_sample=tokens),
         Variant("hftune-same-as-baseline", "hftune", dict(full_training, logits_where_trained="false",
                                                           train_sampling_strategy="random"),
-                drop=("peft",), tokens_per_sample=tokens),
+                drop=recipe_only, tokens_per_sample=tokens),
     ]
     comparisons = [
         ("hftune", "baseline-padded", "default vs docs-style SFT (target >= 1.5x tokens/s, equal eval loss)"),

@@ -194,13 +194,14 @@ def test_generation_prompt_is_the_training_prefix(smol):
             self.generation_config = type("G", (), {"eos_token_id": smol.eos_token_id})()
 
         def generate(self, input_ids, attention_mask, **kwargs):
-            seen.append((input_ids, attention_mask))
-            return torch.cat([input_ids, torch.full((len(input_ids), 1), smol.eos_token_id)], dim=1)
+            seen.append((input_ids, attention_mask))  # answers: the prompt's last token, then EOS
+            return torch.cat([input_ids, input_ids[:, -1:], torch.full((len(input_ids), 1), smol.eos_token_id)], dim=1)
 
-    answers = generate(Recorder(), smol, [prompt, prompt[3:]], max_new_tokens=4, batch_size=2)
-    ids, mask = seen[0]
-    assert ids[0].tolist() == prompt and ids[1, 3:].tolist() == prompt[3:] and mask[1, :3].sum() == 0  # left padding
-    assert answers == [([smol.eos_token_id], True)] * 2
+    short = prompt[3:-2]
+    answers = generate(Recorder(), smol, [prompt, short], max_new_tokens=4, batch_size=2)
+    ids, mask = seen[0]  # one batch, the prompts by length: the short one first
+    assert ids[1].tolist() == prompt and ids[0, 5:].tolist() == short and mask[0, :5].sum() == 0  # left padding
+    assert answers == [([prompt[-1], smol.eos_token_id], True), ([short[-1], smol.eos_token_id], True)]  # in order
 
 
 def test_padding_free_batches_equal_padded_ones(tiny_chat_llama, smol):
@@ -346,6 +347,8 @@ def test_chatml_for_a_base_model_adds_its_tokens(tiny_llama, tmp_path):
     (["--train_on", "turns"], "train_on 'turns' is not one of"),
     (["--truncation_mode", "cut"], "truncation_mode 'cut' is not one of"),
     (["--streaming", "true"], "sft does not stream yet"),
+    (["--packing", "true", "--padding_free", "true"], "packing and padding_free both rearrange the batch"),
+    (["--packing", "true", "--peft", "prompt_tuning"], "packing: true cannot be used with peft: prompt_tuning"),
 ])
 def test_bad_settings(capsys, tiny_chat_llama, tmp_path, argv, message):
     line = fail(capsys, ["--model_name_or_path", tiny_chat_llama, "--task", "sft", "--output_dir", str(tmp_path),

@@ -28,9 +28,7 @@ def packs(data_args, model):
     """Whether the train split is packed (packing: true), checked on the model like padding_free."""
     if not data_args.packing:
         return False
-    if data_args.padding_free:
-        raise HftuneError("packing and padding_free both rearrange the batch; set one of them to false.")
-    data_args.padding_free = False
+    data_args.padding_free = False  # check_config refused both true
     return keep_texts_apart(data_args, model, "packing")
 
 

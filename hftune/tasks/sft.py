@@ -110,6 +110,8 @@ def check_config(model_args, data_args, training_args):
         "engine: pipeline (its loss takes every position's logits)": training_args.engine == "pipeline",
     }
     turn_off_where_blocked(data_args, "logits_where_trained", logits_blockers)
+    if data_args.packing and data_args.padding_free:
+        raise HftuneError("packing and padding_free both rearrange the batch; set one of them to false.")
     for key in ("padding_free", "packing"):
         turn_off_where_blocked(data_args, key, padding_free_blockers(model_args, training_args))
 
@@ -183,8 +185,10 @@ def build(model_args, data_args, raw):
     logger.info(f"sft: generation stops at {tokenizer.convert_ids_to_tokens(stops)}")
     layout = "packed" if packs(data_args, model) else "flattened" if flattens(data_args, model) else "padded"
     if layout == "packed":
-        prepared["train"] = pack_rows(prepared["train"], length)
+        examples, prepared["train"] = len(prepared["train"]), pack_rows(prepared["train"], length)
         counts["train_packed_rows"] = len(prepared["train"])
+        logger.info(f"sft: {examples} training examples packed into {len(prepared['train'])} rows of up to {length} "
+                    "tokens")
     return TaskBundle(
         model=model, processor=tokenizer, train_dataset=prepared.get("train"), eval_dataset=prepared.get("validation"),
         test_dataset=prepared.get("test"), data_collator=collator(layout, tokenizer, takes_logits_to_keep(model, data_args)),

@@ -116,6 +116,8 @@ def tokenize_splits(raw, tokenizer, data_args, names):
 
 
 def tag_ids(tags, to_id, split):
+    """A row's tags as head ids: names (strings, or integers without a ClassLabel, named by str()) through
+    to_id; a ClassLabel's integers are its ids already."""
     try:
         return [to_id[str(t)] if not isinstance(t, int) or str(t) in to_id else t for t in tags]
     except KeyError as err:
