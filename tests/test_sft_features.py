@@ -1,5 +1,6 @@
-"""sft through what hftune has for causal LMs: exact resume (packed rows), the NaN guard, pruning and
-distillation in-process; ZeRO-3, FSDP and pipeline launches equal one process (slow tier)."""
+"""sft through what hftune has for causal LMs: exact resume (packed rows), the NaN guard, pruning,
+LoRA on chosen layers and distillation in-process; ZeRO-1/2/3, FSDP and pipeline launches equal one
+process (slow tier; DDP: test_sft.py)."""
 
 import logging
 
@@ -120,7 +121,8 @@ def test_distilled_student_is_closer_to_its_teacher(tiny_chat_llama, smol_tokeni
 
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU (gloo) launches")
-@pytest.mark.parametrize("config, extra", [("deepspeed_zero3.yaml", []), ("fsdp.yaml", []),
+@pytest.mark.parametrize("config, extra", [("deepspeed_zero1.yaml", []), ("deepspeed_zero2.yaml", []),
+                                           ("deepspeed_zero3.yaml", []), ("fsdp.yaml", []),
                                            ("deepspeed_pipeline.yaml", ["--engine", "pipeline"])])
 def test_launches_equal_one_process(config, extra, tiny_chat_llama, tmp_path):
     """Rows with 3 to 13 trained tokens: 2 processes (2 data shards, or 2 pipeline stages on one batch)

@@ -74,7 +74,8 @@ def test_a_run_learns_the_tags_and_the_model_loads_in_a_pipeline(tiny_bert, tmp_
           "--validation_file", write_jsonl(tmp_path / "validation.jsonl", sentences(48, seed=1)),
           "--output_dir", str(out), "--num_train_epochs", "6", "--learning_rate", "5e-3", "--eval_strategy", "epoch",
           "--eval_on_start", "true", "--per_device_train_batch_size", "16", "--logging_steps", "4",
-          "--return_entity_level_metrics", "true", "--report_to", "none", "--seed", "0"])
+          "--return_entity_level_metrics", "true", "--report_to", "none", "--seed", "0", "--do_predict", "true",
+          "--test_file", write_jsonl(tmp_path / "test.jsonl", sentences(16, seed=2))])
     assert "task: token-classification" in (out / "hftune_config.yaml").read_text()  # inferred from the columns
     history = read_json(out / "trainer_state.json")["log_history"]
     f1 = [e["eval_f1"] for e in history if "eval_f1" in e]
@@ -82,6 +83,11 @@ def test_a_run_learns_the_tags_and_the_model_loads_in_a_pipeline(tiny_bert, tmp_
     assert losses[-1] < 0.5 * losses[0] and f1[-1] > f1[0] + 0.5, (losses, f1)
     results = read_json(out / "all_results.json")
     assert {"eval_precision", "eval_recall", "eval_accuracy", "eval_PER_f1", "eval_LOC_f1"} <= set(results)
+    predicted = [json.loads(line) for line in (out / "predictions_test.jsonl").read_text().splitlines()]
+    assert [p["tokens"] for p in predicted] == [r["tokens"] for r in sentences(16, seed=2)]  # in row order
+    assert all(p["true_tags"] == r["ner_tags"] for p, r in zip(predicted, sentences(16, seed=2)))
+    assert all(len(p["tags"]) == len(p["tokens"]) for p in predicted)
+    assert sum(p["tags"] == p["true_tags"] for p in predicted) >= 12  # a tag per word, mostly right
     tagger = pipeline("token-classification", model=str(out), aggregation_strategy="simple")
     entities = tagger("Grace Hopper flew to Paris yesterday")
     assert [(e["entity_group"], e["word"]) for e in entities] == [("PER", "grace hopper"), ("LOC", "paris")]
@@ -114,3 +120,24 @@ def test_run_ner_command_runs_as_written(tiny_bert, tmp_path):
     assert results["eval_samples"] == 8 and 0 <= results["eval_f1"] <= 1
     config = read_json(out / "config.json")
     assert sorted(config["id2label"].values()) == sorted(NAMES)
+
+
+def test_distillation_is_refused_in_one_line(tiny_bert, tmp_path, capsys):
+    args = ["--model_name_or_path", tiny_bert, "--task", "token-classification", "--teacher_model_name_or_path",
+            tiny_bert, "--train_file", write_jsonl(tmp_path / "train.jsonl", sentences(8)),
+            "--output_dir", str(tmp_path / "out")]
+    assert "distillation of token-classification is not supported yet" in fail(capsys, args)
+
+
+def test_lora_trains_the_adapters_and_saves_the_tag_head(tiny_bert, tmp_path):
+    from safetensors.torch import load_file
+
+    from hftune.run import main
+
+    out = tmp_path / "lora"
+    main(["--model_name_or_path", tiny_bert, "--task", "token-classification", "--peft", "lora",
+          "--train_file", write_jsonl(tmp_path / "train.jsonl", sentences(32)), "--validation_split_percentage", "0",
+          "--do_eval", "false", "--max_steps", "3", "--output_dir", str(out)])
+    saved = load_file(out / "adapter_model.safetensors")
+    assert any("lora_" in name for name in saved) and any("classifier" in name for name in saved)
+    assert read_json(out / "adapter_config.json")["task_type"] == "TOKEN_CLS"

@@ -160,6 +160,9 @@ def check_distillation(model_args, args):
 def check_config(model_args, data_args, training_args):
     """The feature's parse-time check (hftune.features)."""
     check_distillation(model_args, training_args)
+    if model_args.teacher_model_name_or_path and data_args.task and traits(data_args.task).inputs == "words":
+        raise HftuneError(f"distillation of {data_args.task} is not supported yet (its loss compares one output per "
+                          "example); drop teacher_model_name_or_path.")
 
 
 # ---- the teacher ----

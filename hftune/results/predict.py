@@ -7,6 +7,8 @@
   regression: the predicted `score` (and `true_score`); multi-label: the predicted `labels` (sigmoid
   probability > 0.5), every label's `probabilities` (and `true_labels`), as transformers' pipeline
   scores them (config.problem_type);
+- token classification: the words, the tag predicted for each (at its first sub-token; None where
+  truncation cut the word off) and, where the split has labels, the true tags;
 - causal LM: the greedy continuation (`max_new_tokens`) of each example's text;
 - sft: each row's prompt (the ids training used before its last trained turn), the greedy answer,
   the reference and whether the answer stopped; evaluation adds the answers' metrics
@@ -115,8 +117,9 @@ def has_labels(dataset):
 
 
 def attach_inputs(bundle, raw, data_args, args):
-    """The predicted split's texts (prompts of a causal LM), rows limited as the task limited them."""
-    if args.do_predict and traits(data_args.task).inputs == "text":
+    """The predicted split's texts (prompts of a causal LM; word lists to tag), rows limited as the task
+    limited them."""
+    if args.do_predict and traits(data_args.task).inputs in ("text", "words"):
         split = args.predict_split
         bundle.predict_inputs = limit_splits({split: raw[split]}, data_args)[split][data_args.text_column]
 
@@ -185,6 +188,8 @@ def predict(trainer, bundle, args):
     dataset = split_dataset(bundle, split)
     if bundle.pipeline_task in CLASSIFIERS:
         rows, metrics = _classify(trainer, bundle, dataset, split)
+    elif bundle.pipeline_task == "token-classification":
+        rows, metrics = _tag(trainer, bundle, dataset, split)
     elif bundle.answers:
         rows = _answer(trainer, bundle, dataset) if trainer.is_world_process_zero() else []
         metrics = evaluate(trainer, dataset, split, bundle, rows)
@@ -249,6 +254,30 @@ def _classify(trainer, bundle, dataset, split):
     for i, row_logits in enumerate(logits):
         row = {"index": i} if inputs is None else {"index": i, "text": inputs[i]}
         row.update(describe(row_logits, None if labels is None else labels[i], config.id2label))
+        rows.append(row)
+    return rows, metrics
+
+
+def _tag(trainer, bundle, dataset, split):
+    """One row per example: its words, the tag predicted at each word's first sub-token (None for words
+    truncation cut off) and, where the split has labels, the true tags."""
+    prefix = split_prefix(split)
+    logits, labels, metrics = class_logits(trainer, bundle, dataset, prefix)
+    if metrics:
+        metrics = {**metrics, f"{prefix}_samples": len(dataset)}
+        _report(trainer, prefix, metrics)
+    names = bundle.model.config.id2label
+    rows = []
+    for i, words in enumerate(bundle.predict_inputs):
+        length = len(dataset[i]["input_ids"])  # the encoding training used (truncated alike)
+        word_ids = bundle.processor(words, is_split_into_words=True, truncation=True, max_length=length).word_ids()
+        first = {}
+        for position, word in enumerate(word_ids):
+            first.setdefault(word, position)
+        row = {"index": i, "tokens": words,
+               "tags": [names[int(np.argmax(logits[i][first[w]]))] if w in first else None for w in range(len(words))]}
+        if labels is not None:
+            row["true_tags"] = [names[int(labels[i][first[w]])] if w in first else None for w in range(len(words))]
         rows.append(row)
     return rows, metrics
 

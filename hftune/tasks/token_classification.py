@@ -93,6 +93,10 @@ def load_model(model_args, names):
                           f"{type(tokenizer).__name__} is not one: use a checkpoint with tokenizer.json.")
     model = AutoModelForTokenClassification.from_pretrained(
         path, config=config, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes, dtype=torch.float32, **common)
+    # BERT-style token classifiers take **kwargs but average their loss over each micro-batch's tokens and
+    # ignore num_items_in_batch: Trainer would otherwise skip its division by the accumulation steps and
+    # multiply by the world size under DDP (as run_ner.py's runs are). Per-micro-batch means, as run_ner.py.
+    model.accepts_loss_kwargs = False
     return model, tokenizer
 
 
