@@ -13,13 +13,14 @@ from hftune.errors import HftuneError
 
 
 class InjectNaN(TrainerCallback):
-    """The classifier outputs NaN during the given (1-based) optimizer steps; records its weight after each step."""
+    """The model's `layer` (its classifier, or e.g. lm_head) outputs NaN during the given (1-based) optimizer
+    steps; records its weight after each step."""
 
-    def __init__(self, bad_steps):
-        self.bad_steps, self.active, self.hooked, self.weights = set(bad_steps), False, False, {}
+    def __init__(self, bad_steps, layer="classifier"):
+        self.bad_steps, self.layer, self.active, self.hooked, self.weights = set(bad_steps), layer, False, False, {}
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
-        classifier = getattr(model, "module", model).classifier
+        classifier = getattr(getattr(model, "module", model), self.layer)
         if not self.hooked:
             classifier.register_forward_hook(lambda module, inputs, out: out * float("nan") if self.active else out)
             self.hooked = True
@@ -27,7 +28,7 @@ class InjectNaN(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         self.active = False
-        self.weights[state.global_step] = getattr(model, "module", model).classifier.weight.detach().clone()
+        self.weights[state.global_step] = getattr(getattr(model, "module", model), self.layer).weight.detach().clone()
 
 
 @pytest.mark.parametrize("engine", [pytest.param("trainer", marks=pytest.mark.slow), "accelerate"])

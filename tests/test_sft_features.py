@@ -6,9 +6,10 @@ import logging
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import cli_flags, launch, logged_losses, read_json, run_engine, tiny_model
+from test_guards import InjectNaN
 from test_sft import answer_rows, color_rows, trained_weights, write_jsonl
 
 
@@ -36,26 +37,8 @@ def test_resume_of_packed_rows_continues_exactly(tiny_chat_llama, colors, tmp_pa
     assert max((whole[k] - resumed[k]).abs().max().item() for k in whole) < 1e-6
 
 
-class InjectNaN(TrainerCallback):
-    """The LM head outputs NaN during optimizer step `bad` (1-based); records the head after each step."""
-
-    def __init__(self, bad):
-        self.bad, self.active, self.hooked, self.weights = bad, False, False, {}
-
-    def on_step_begin(self, args, state, control, model=None, **kwargs):
-        head = getattr(model, "module", model).lm_head
-        if not self.hooked:
-            head.register_forward_hook(lambda module, inputs, out: out * float("nan") if self.active else out)
-            self.hooked = True
-        self.active = state.global_step + 1 == self.bad
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        self.active = False
-        self.weights[state.global_step] = getattr(model, "module", model).lm_head.weight.detach().clone()
-
-
 def test_a_nan_step_is_skipped(tiny_chat_llama, colors, tmp_path, caplog):
-    injector = InjectNaN(3)
+    injector = InjectNaN([3], layer="lm_head")
     with caplog.at_level(logging.WARNING, logger="hftune"):
         run_engine(sft_args(tiny_chat_llama, colors, tmp_path / "out", engine="accelerate", max_steps=4),
                    callbacks=[injector])

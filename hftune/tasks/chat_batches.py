@@ -26,10 +26,7 @@ def flattens(data_args, model):
 
 def packs(data_args, model):
     """Whether the train split is packed (packing: true), checked on the model like padding_free."""
-    if not data_args.packing:
-        return False
-    data_args.padding_free = False  # check_config refused both true
-    return keep_texts_apart(data_args, model, "packing")
+    return bool(data_args.packing) and keep_texts_apart(data_args, model, "packing")
 
 
 def pack_rows(labelled, length):
