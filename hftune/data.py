@@ -12,9 +12,11 @@ Example:
     ['train', 'validation']
 """
 
+import json
 import logging
 import math
 import os
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,6 +100,18 @@ def _has_no_rows(path):
     return len(lines) <= header_lines
 
 
+def is_squad_file(path):
+    """A JSON file holding one object whose rows are under "data" (SQuAD's files), not JSON Lines."""
+    with open(path, "rb") as handle:
+        if not re.match(rb'\{\s*"(version|data)"\s*:', handle.read(256).lstrip()):
+            return False
+        handle.seek(0)
+        try:
+            return isinstance(json.load(handle).get("data"), list)
+        except ValueError:  # JSON Lines: more than one object
+            return False
+
+
 def _local_files(data_args):
     files = {"train": data_args.train_file, "validation": data_args.validation_file, "test": data_args.test_file}
     files = {split: path for split, path in files.items() if path}
@@ -135,6 +149,8 @@ def _load(data_args, cache_dir):
         common["delimiter"] = "\t"
     if builder == "text":
         common["keep_linebreaks"] = getattr(data_args, "keep_linebreaks", False)
+    if builder == "json" and all(is_squad_file(path) for path in files.values()):
+        common["field"] = "data"  # SQuAD's {"version": ..., "data": [rows]}, as run_qa.py reads it
     try:
         return load_dataset(builder, data_files=files, **common)
     except DatasetGenerationCastError:

@@ -21,7 +21,8 @@ from hftune.compression.adapters import apply_peft
 from hftune.assets import is_asset
 from hftune.results.card import write_report
 from hftune.training.checkpoints import (
-    MANIFEST, check_compatible, holds_only_an_interrupted_start, is_complete, latest_complete, run_record,
+    MANIFEST, check_compatible, complete_steps, holds_only_an_interrupted_start, is_complete, latest_complete,
+    run_record,
 )
 from hftune.config import parse_config, resolved_config, save_resolved_config
 from hftune.data import check_streaming, is_stream, load_raw_datasets
@@ -29,9 +30,11 @@ from hftune.compression.distillation import load_teacher
 from hftune.engines import build_engine
 from hftune.errors import HftuneError
 from hftune.launch.gpu_defaults import log_bf16_default, warn_slow_cpu_bf16
+from hftune.launch.network import lost_peer_line, pin_socket_interface
+from hftune.launch.nodes import agree_on_checkpoint, check_output_layout
 from hftune.launch.threads import use_all_cores
 from hftune.results.hub import push_results
-from hftune.launch.checks import check_world_size
+from hftune.launch.checks import check_same_config, check_world_size
 from hftune.outputs import CONFIG_FILE, EVALUATE_CONFIG_FILE
 from hftune.results.predict import (
     attach_inputs, check_fine_tuned, check_predict_args, check_splits, evaluate, predict, split_dataset, split_prefix,
@@ -85,11 +88,14 @@ def resolve_checkpoint(training_args):
         return None
     if resumes_latest(training_args):
         last = latest_complete(training_args.output_dir)
+        if training_args.world_size > 1:  # the newest step complete on every node (one output_dir per node)
+            last = agree_on_checkpoint(complete_steps(training_args.output_dir), training_args)
         if last is None:
             logger.warning(f"resume_from_checkpoint: {resume} but output_dir '{training_args.output_dir}' holds "
                            "no complete checkpoint: training from the start.")
         else:
-            logger.info(f"resuming from {last}, the latest complete checkpoint")
+            logger.info(f"resuming from {last}, the latest complete checkpoint"
+                        + (" on every process" if training_args.world_size > 1 else ""))
         return last
     if not os.path.isdir(resume):
         raise HftuneError(f"resume_from_checkpoint '{resume}' does not exist; pass a checkpoint-* folder or true.")
@@ -131,6 +137,8 @@ def setup(model_args, data_args, training_args):
         log_bf16_default()
     warn_slow_cpu_bf16(training_args)
     check_world_size(training_args)
+    check_same_config(resolved_config(model_args, data_args, training_args), training_args.world_size)
+    check_output_layout(training_args)
     check_inputs(model_args, data_args, training_args)
     task = get_task(data_args.task)
     checkpoint = resolve_checkpoint(training_args)
@@ -212,10 +220,11 @@ def finish(trainer, bundle, training_args, metrics):
     if training_args.do_predict:
         lines.append(f"  predictions: {out}/predictions_{training_args.predict_split}.jsonl")
     if training_args.do_train and bundle.adapter is not None:
-        lines += bundle.adapter.summary(out, bundle.pipeline_task)
+        lines += bundle.adapter.summary(out, bundle.pipeline_task, bundle.usage)
     elif training_args.do_train:
         lines.append(f"  model saved to {out}")
-        lines.append(f'  load it: transformers.pipeline("{bundle.pipeline_task}", model="{out}")')
+        lines.append(f"  load it: {bundle.usage.format(ref=out).splitlines()[-1]}" if bundle.usage else
+                     f'  load it: transformers.pipeline("{bundle.pipeline_task}", model="{out}")')
     print("\n".join(lines))
 
 
@@ -248,6 +257,7 @@ def main(argv=None):
     if argv[:1] == ["evaluate"]:  # `hftune evaluate --config recipe.yaml --model_name_or_path DIR [--eval_split S]`
         argv = ["--do_train=false", "--do_eval=true", *argv[1:]]  # the user's own flags still win
     try:
+        pin_socket_interface()  # before anything starts the process group
         model_args, data_args, training_args = parse_config(argv)
         trainer, bundle, checkpoint = setup(model_args, data_args, training_args)
         metrics = train(trainer, bundle, training_args, checkpoint)
@@ -259,6 +269,12 @@ def main(argv=None):
     except HftuneError as err:
         print(f"hftune: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except RuntimeError as err:  # (torch.distributed's errors are RuntimeErrors)
+        line = lost_peer_line(err)
+        if line is None:
+            raise
+        print(f"hftune: error: {line}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

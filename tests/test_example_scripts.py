@@ -95,6 +95,7 @@ def test_task_is_inferred_from_checkpoint_and_data(tiny_bert, tiny_gpt, tiny_res
         ((tiny_bert, str(train)), "text-classification"),
         ((tiny_gpt, str(corpus_txt)), "causal-lm"),
         ((tiny_gpt, str(train)), "causal-lm"),  # the checkpoint alone decides
+        ((tiny_bert, str(corpus_txt)), "masked-lm"),  # an encoder and a raw corpus: run_mlm.py's case
         ((tiny_resnet, str(digit_folders[0])), "image-classification"),
     ]
     for (model, data), task in cases:
@@ -106,9 +107,9 @@ def test_task_is_inferred_from_checkpoint_and_data(tiny_bert, tiny_gpt, tiny_res
 
 
 def test_task_inference_refuses_disagreement(tiny_bert, tiny_gpt, corpus_txt, digit_folders):
-    with pytest.raises(HftuneError, match="suggests text-classification while train_file corpus.txt suggests "
-                                          "causal-lm; set task"):
-        parse("--model_name_or_path", tiny_bert, "--train_file", str(corpus_txt))
+    with pytest.raises(HftuneError, match=r"BertForMaskedLM suggests text-classification while train_file .* "
+                                          r"\(a folder\) suggests image-classification; set task"):
+        parse("--model_name_or_path", tiny_bert, "--train_file", str(digit_folders[0]))
     with pytest.raises(HftuneError, match="suggests causal-lm while .* suggests image-classification; set task"):
         parse("--model_name_or_path", tiny_gpt, "--train_file", str(digit_folders[0]))
 
@@ -219,6 +220,27 @@ def test_run_clm_from_scratch_with_block_size_runs_as_written(tiny_gpt, corpus_t
     model = AutoModelForCausalLM.from_pretrained(out)
     assert (model.config.n_embd, model.config.n_layer) == (32, 2)
     assert yaml.safe_load((out / "hftune_config.yaml").read_text())["task"] == "causal-lm"
+
+
+def test_run_mlm_command_runs_as_written(tiny_bert, corpus_txt, tmp_path):
+    """run_mlm.py's test command (the task inferred from an encoder and a .txt corpus) with its data
+    flags: line_by_line, mlm_probability, max_seq_length, pad_to_max_length, max_train_samples."""
+    from transformers import AutoModelForMaskedLM
+
+    from hftune.run import main
+
+    out = tmp_path / "mlm"
+    main(["--model_name_or_path", tiny_bert, "--train_file", str(corpus_txt), "--validation_file", str(corpus_txt),
+          "--output_dir", str(out), "--do_train", "--do_eval", "--prediction_loss_only", "--num_train_epochs=1",
+          "--line_by_line", "--pad_to_max_length", "--mlm_probability", "0.2", "--max_seq_length", "32",
+          "--max_train_samples", "40", "--max_eval_samples", "20", "--per_device_train_batch_size", "8",
+          "--preprocessing_num_workers", "1", "--seed", "42", "--disable_tqdm", "true"])
+    results = read_json(out / "eval_results.json")
+    assert results["perplexity"] == pytest.approx(results["eval_perplexity"]) and results["eval_samples"] == 20
+    assert read_json(out / "train_results.json")["train_samples"] == 40
+    resolved = yaml.safe_load((out / "hftune_config.yaml").read_text())
+    assert (resolved["task"], resolved["line_by_line"], resolved["mlm_probability"]) == ("masked-lm", True, 0.2)
+    assert AutoModelForMaskedLM.from_pretrained(out).config.model_type == "bert"
 
 
 @pytest.mark.parametrize("argv, error", [

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import fail
+from hftune.errors import HftuneError
 from test_bad_input import base  # noqa: F401  (fixture)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -88,3 +89,36 @@ def test_shipped_deepspeed_configs_are_valid_for_the_installed_deepspeed(name):
     filled["zero_optimization"] = {k: (1000 if v == "auto" else v) for k, v in zero.items()}
     parsed = DeepSpeedConfig(filled)
     assert parsed.zero_optimization_stage == zero["stage"]
+
+
+# ---- several machines: the socket interface (hftune.launch.network) ----
+
+def test_runs_across_machines_pin_the_interface_that_reaches_node_0():
+    import socket
+
+    import psutil
+
+    from hftune.launch.network import pin_socket_interface
+
+    interfaces = {name: a.address for name, addresses in psutil.net_if_addrs().items() for a in addresses
+                  if a.family == socket.AF_INET and not a.address.startswith("127.")}
+    if not interfaces:
+        pytest.skip("no non-loopback IPv4 interface")
+    name, address = next(iter(interfaces.items()))
+    across = {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": address}
+    environ = dict(across)
+    assert pin_socket_interface(environ) == name
+    assert environ["GLOO_SOCKET_IFNAME"] == environ["NCCL_SOCKET_IFNAME"] == name
+    chosen = {**across, "GLOO_SOCKET_IFNAME": "ib0", "NCCL_SOCKET_IFNAME": "ib0"}
+    assert pin_socket_interface(chosen) is None and chosen["GLOO_SOCKET_IFNAME"] == "ib0"  # the user's choice
+    one_machine = {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"}
+    assert pin_socket_interface(one_machine) is None and "GLOO_SOCKET_IFNAME" not in one_machine
+
+
+def test_a_main_process_ip_other_machines_cannot_reach_is_refused():
+    from hftune.launch.network import pin_socket_interface
+
+    with pytest.raises(HftuneError, match="main_process_ip '127.0.0.1' is this machine's loopback"):
+        pin_socket_interface({"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"})
+    with pytest.raises(HftuneError, match="main_process_ip 'no-such-host.invalid' does not resolve"):
+        pin_socket_interface({"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "no-such-host.invalid"})

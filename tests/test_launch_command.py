@@ -42,3 +42,32 @@ def test_launch_runs_accelerate_launch(tiny_bert, tweets_csv, tmp_path):
          "--output_dir", str(out), "--do_eval", "false"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert read_json(out / "train_results.json")["train_samples"] > 0
+
+
+def test_the_slurm_template_runs_one_launch_per_node_with_its_rank(tmp_path):
+    """scripts/cluster/slurm.sbatch on a 2-node allocation (SLURM's commands stubbed: no SLURM here): one
+    `accelerate launch` per node, its machine rank from SLURM_NODEID, the first host as main address."""
+    import stat
+    import subprocess
+
+    bin_dir, venv_bin = tmp_path / "bin", tmp_path / ".venv" / "bin"
+    bin_dir.mkdir()
+    venv_bin.mkdir(parents=True)
+    stubs = {
+        bin_dir / "scontrol": 'echo gpu-node-07; echo gpu-node-08\n',
+        bin_dir / "srun": 'shift; for id in 0 1; do SLURM_NODEID=$id "$@"; done\n',  # one task per node
+        venv_bin / "accelerate": f'echo "$*" >> {tmp_path}/launches.txt\n',
+    }
+    for path, body in stubs.items():
+        path.write_text("#!/usr/bin/env bash\n" + body)
+        path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_NNODES": "2", "SLURM_GPUS_ON_NODE": "8",
+           "SLURM_JOB_NODELIST": "gpu-node-[07-08]"}
+    script = os.path.join(REPO, "scripts", "cluster", "slurm.sbatch")
+    subprocess.run(["bash", script, "accelerate_configs/multi_node.yaml", "recipe.yaml", "--learning_rate", "1e-4"],
+                   cwd=tmp_path, env=env, check=True)
+    launches = (tmp_path / "launches.txt").read_text().splitlines()
+    assert launches == [
+        f"launch --config_file accelerate_configs/multi_node.yaml --num_machines 2 --num_processes 16 --machine_rank "
+        f"{rank} --main_process_ip gpu-node-07 --main_process_port 29500 hftune/run.py --config recipe.yaml "
+        "--learning_rate 1e-4" for rank in (0, 1)]

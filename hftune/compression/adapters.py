@@ -143,7 +143,7 @@ def _prompt_tuning(model_args, targets, to_save, task_type):
 class PeftMethod:
     build: Callable  # (model_args, target modules, modules_to_save, peft task type) -> peft config
     fields: tuple  # the ModelArguments fields it reads; the other PEFT fields set for it are errors
-    outputs: tuple = ("classes", "tokens")  # the task outputs (TaskTraits.output) it applies to
+    outputs: tuple = ("classes", "tokens", "spans")  # the task outputs (TaskTraits.output) it applies to
     wraps_modules: bool = True  # prefix/prompt tuning add virtual tokens instead: no targets, nothing to merge
 
 
@@ -229,7 +229,7 @@ def check_qlora(data_args, args):
                           "drop load_in_4bit to train LoRA on the full-precision model.")
     if importlib.util.find_spec("bitsandbytes") is None:
         raise HftuneError("load_in_4bit (QLoRA) needs bitsandbytes: pip install bitsandbytes.")
-    if traits(data_args.task).peft_task_type is None:
+    if traits(data_args.task).inputs == "image":  # (not "no peft TaskType": multiple-choice has none, and Linear layers)
         raise HftuneError(f"load_in_4bit quantizes Linear layers; {data_args.task} models are convolutional: drop it.")
     if shards_parameters(args):
         raise HftuneError("load_in_4bit cannot be sharded by ZeRO-3 or FSDP here; launch with ddp.yaml or ZeRO-2.")
@@ -289,7 +289,7 @@ def default_modules_to_save(model, task):
     """What base + adapter must carry in full to reproduce the trained model: the head (top-level
     modules outside the backbone) for classification, layers the checkpoint lacked, BatchNorm layers."""
     keep = []
-    if traits(task).output == "classes":
+    if traits(task).output != "tokens":  # a task head: classes or spans
         backbone = model.base_model
         keep += [n for n, child in model.named_children()
                  if child is not backbone and next(child.parameters(), None) is not None]
@@ -428,13 +428,16 @@ class AdapterSaver:
                 self.write_merged(out, processor)
         engine.accelerator.wait_for_everyone()
 
-    def summary(self, out, pipeline_task):
-        """The end-of-run lines: where the adapter is and how to load it."""
+    def summary(self, out, pipeline_task, usage=None):
+        """The end-of-run lines: where the adapter is and how to load it (usage: TaskBundle.usage, where
+        transformers has no pipeline for the task)."""
         lines = [f"  adapter saved to {out} (base model: {self.model_args.model_name_or_path}, "
                  f"its config with this run's labels: {os.path.join(out, BASE_CONFIG_DIR)})"]
-        if self.model_args.merge_adapter:
-            lines.append(f'  load the merged model: transformers.pipeline("{pipeline_task}", '
-                         f'model="{os.path.join(out, MERGED_DIR)}")')
+        merged = os.path.join(out, MERGED_DIR)
+        if self.model_args.merge_adapter and usage:
+            lines.append(f"  load the merged model: {usage.format(ref=merged).splitlines()[-1]}")
+        elif self.model_args.merge_adapter:
+            lines.append(f'  load the merged model: transformers.pipeline("{pipeline_task}", model="{merged}")')
         else:
             lines.append(f'  load it: peft.PeftModel.from_pretrained(base_model, "{out}")')
         return lines

@@ -4,7 +4,8 @@ frozen teacher's temperature-softened outputs,
     loss = distill_alpha * task loss + (1 - distill_alpha) * T^2 * KL(teacher || student),
 
 for all three task families: classes of a text or image classifier, tokens of a causal LM (a KL over
-the vocabulary at every position the LM loss predicts). The teacher is loaded with the task's Auto
+the vocabulary at every position the LM loss predicts), masked tokens of a masked LM (the same, at its
+masked positions; teacher and student see the same masked batch). The teacher is loaded with the task's Auto
 class in float32, frozen and kept in eval mode; every engine that trains places it beside the
 student (a whole copy per process under DDP and ZeRO-1/2, sharded like the student under ZeRO-3).
 
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 import transformers
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from hftune.assets import resolve_model
 from hftune.errors import HftuneError
@@ -68,17 +69,20 @@ HIDDEN_SIZE_KEYS = {"reduce_bucket_size": lambda h: h * h, "stage3_prefetch_buck
                     "stage3_param_persistence_threshold": lambda h: 10 * h}
 
 
-def distillation_loss(student_logits, teacher_logits, temperature, labels=None, num_items=None, ignore_index=-100):
+def distillation_loss(student_logits, teacher_logits, temperature, labels=None, num_items=None, ignore_index=-100,
+                      shift=1):
     """T^2 * KL(softmax(teacher / T) || softmax(student / T)), summed over the classes (vocabulary).
 
-    Without labels (classification) the KL of each example is averaged. With labels (causal LM) the
-    logits are shifted as the LM loss shifts them (position i predicts token i + 1) and only the
-    positions whose label is not `ignore_index` count: their KL is averaged, or summed and divided
-    by `num_items` when the task loss is normalized that way (the tokens of a whole accumulated batch).
+    Without labels (classification) the KL of each example is averaged. With labels (an LM) only the
+    positions whose label is not `ignore_index` count, the logits shifted as the LM loss shifts them
+    (`shift` 1, causal LM: position i predicts token i + 1; 0, masked LM: each masked position its own
+    token): their KL is averaged, or summed and divided by `num_items` when the task loss is normalized
+    that way (the tokens of a whole accumulated batch).
     """
     if labels is not None:
-        keep = labels[..., 1:] != ignore_index
-        student_logits, teacher_logits = student_logits[..., :-1, :][keep], teacher_logits[..., :-1, :][keep]
+        keep = labels[..., shift:] != ignore_index
+        end = student_logits.shape[-2] - shift
+        student_logits, teacher_logits = student_logits[..., :end, :][keep], teacher_logits[..., :end, :][keep]
     log_student = F.log_softmax(student_logits.float() / temperature, dim=-1)
     log_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
     kl = F.kl_div(log_student, log_teacher, reduction="none", log_target=True).sum(-1) * temperature**2
@@ -96,8 +100,9 @@ class Distiller:
         >>> loss = distiller.mix(task_loss, outputs.logits, inputs, inputs["labels"])  # doctest: +SKIP
     """
 
-    def __init__(self, teacher, alpha, temperature, causal):
+    def __init__(self, teacher, alpha, temperature, causal, masked=False):
         self.teacher, self.alpha, self.temperature, self.causal = teacher, alpha, temperature, causal
+        self.masked = masked  # a masked LM: the KL of its masked positions, unshifted
         self._sums, self._steps = torch.zeros(2), 0.0
 
     def teacher_logits(self, inputs):
@@ -112,7 +117,8 @@ class Distiller:
         # prompt/prefix tuning prepends virtual tokens to the student's sequence: align on the real ones
         student_logits = student_logits[..., -teacher_logits.shape[-2]:, :] if self.causal else student_logits
         distill = distillation_loss(student_logits, teacher_logits, self.temperature,
-                                    labels=labels if self.causal else None, num_items=num_items)
+                                    labels=labels if self.causal or self.masked else None, num_items=num_items,
+                                    shift=1 if self.causal else 0)
         share = 1.0 if scaled else 1.0 / accumulation
         parts = torch.stack([task_loss.detach(), distill.detach()]).float() * share
         self._sums = self._sums.to(parts.device) + parts  # tensors: no device sync on the training path
@@ -160,7 +166,7 @@ def check_distillation(model_args, args):
 def check_config(model_args, data_args, training_args):
     """The feature's parse-time check (hftune.features)."""
     check_distillation(model_args, training_args)
-    if model_args.teacher_model_name_or_path and data_args.task and traits(data_args.task).inputs == "words":
+    if model_args.teacher_model_name_or_path and data_args.task and not traits(data_args.task).distills:
         raise HftuneError(f"distillation of {data_args.task} is not supported yet (its loss compares one output per "
                           "example); drop teacher_model_name_or_path.")
 
@@ -217,7 +223,7 @@ def teacher_tokenizer(path, common):
 
 
 def check_vocabulary(name, teacher, student, tokenizer, student_tokenizer):
-    """A causal-LM teacher must predict over the student's vocabulary, token id for token id."""
+    """An LM teacher must predict over the student's vocabulary, token id for token id."""
     sizes = teacher.config.vocab_size, student.config.vocab_size
     if sizes[0] != sizes[1]:
         raise HftuneError(f"teacher_model_name_or_path '{name}' predicts over {sizes[0]} tokens, the student over "
@@ -259,4 +265,6 @@ def distiller_for(teacher, args, accelerator):
     if teacher is None:
         return None
     causal = type(teacher).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
-    return Distiller(place_teacher(teacher, accelerator), args.distill_alpha, args.distill_temperature, causal)
+    masked = not causal and type(teacher).__name__ in MODEL_FOR_MASKED_LM_MAPPING_NAMES.values()
+    return Distiller(place_teacher(teacher, accelerator), args.distill_alpha, args.distill_temperature, causal,
+                     masked)

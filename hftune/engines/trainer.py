@@ -194,6 +194,18 @@ class HftuneTrainer(Trainer):
         # Called by hftune, Trainer.save_model would push with a model card of its own, over hftune's.
         super().save_model(output_dir, _internal_call=True)
 
+    def _save(self, output_dir=None, state_dict=None):
+        # transformers' save_pretrained writes the weights and config only on global rank 0, whatever
+        # is_main_process says (distributed/mixin.py's should_save_on_this_rank): under save_on_each_node the
+        # other nodes' checkpoints would hold no model, and could not be resumed from.
+        model = self.accelerator.unwrap_model(self.model)
+        if self.args.save_on_each_node and self.args.should_save and hasattr(model, "should_save_on_this_rank"):
+            model.should_save_on_this_rank = lambda is_main_process: is_main_process
+        try:
+            super()._save(output_dir, state_dict)
+        finally:
+            model.__dict__.pop("should_save_on_this_rank", None)
+
 
 class PushSealedCheckpoint(TrainerCallback):
     """Trainer's push of a save (hub_strategy every_save, checkpoint, all_checkpoints), once the save is sealed."""

@@ -182,6 +182,28 @@ def check_world_size(args):
                           "launch with accelerate_configs/ddp.yaml or drop it.")
 
 
+# may differ between processes: the process's own rank, a node's own disk and cache (save_on_each_node)
+PER_PROCESS = ("local_rank", "output_dir", "logging_dir", "cache_dir")
+
+
+def check_same_config(config, world_size):
+    """Every process runs the same resolved config: a node started with other flags would train something
+    else, or wait forever for a collective the others never reach."""
+    if world_size == 1:
+        return
+    import torch.distributed as dist
+
+    everyone = [None] * world_size
+    dist.all_gather_object(everyone, config)
+    for rank, theirs in enumerate(everyone):
+        differ = sorted(k for k in everyone[0].keys() | theirs.keys()
+                        if k not in PER_PROCESS and theirs.get(k) != everyone[0].get(k))
+        if differ:
+            raise HftuneError(f"process {rank} runs with {differ[0]}={theirs.get(differ[0])!r}, process 0 with "
+                              f"{everyone[0].get(differ[0])!r}: every node's command must give the same config; fix "
+                              "that node's command.")
+
+
 def ddp_comm_kwargs(args):
     """DistributedDataParallelKwargs fields for the configured gradient compression (accelerate registers it)."""
     if args.ddp_comm_hook is None:

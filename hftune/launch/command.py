@@ -6,6 +6,10 @@ without DeepSpeed installed ends there in `ImportError: DeepSpeed is not install
 so in one line with hftune's install line (exit status 2). Options are told apart by accelerate's own
 parser: what it knows goes to `accelerate launch`, the rest to hftune.
 
+On several machines (num_machines > 1) it checks first what would otherwise hang: node 0 must own
+main_process_ip, and every other node waits at most HFTUNE_PREFLIGHT_TIMEOUT seconds (120) for node 0's
+port to answer, then stops with one line.
+
 Example:
     $ hftune launch --config_file accelerate_configs/deepspeed_zero3.yaml --config recipe.yaml
 """
@@ -17,6 +21,7 @@ import sys
 import yaml
 
 from hftune.errors import HftuneError
+from hftune.launch.network import check_main_process
 
 RUN_PY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "run.py")
 DEEPSPEED_INSTALL = "bash scripts/install.sh deepspeed (or pip install 'hftune[deepspeed]')"
@@ -77,6 +82,11 @@ def check_launch(accelerate_options):
     wants_deepspeed = config.get("distributed_type") == "DEEPSPEED" or "--use_deepspeed" in accelerate_options
     if wants_deepspeed and not installed("deepspeed"):
         raise HftuneError(f"this launch config uses DeepSpeed, which is not installed: {DEEPSPEED_INSTALL}.")
+    setting = {key: option_value(accelerate_options, f"--{key}") or config.get(key)
+               for key in ("num_machines", "machine_rank", "main_process_ip", "main_process_port")}
+    if int(setting["num_machines"] or 1) > 1:
+        check_main_process(setting["main_process_ip"], int(setting["main_process_port"] or 29500),
+                           int(setting["machine_rank"] or 0), float(os.environ.get("HFTUNE_PREFLIGHT_TIMEOUT", 120)))
 
 
 def main(argv):

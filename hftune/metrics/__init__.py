@@ -20,10 +20,11 @@ from huggingface_hub import constants
 
 logger = logging.getLogger(__name__)
 
-LOCAL_METRICS = ("accuracy", "f1", "mse", "pearsonr", "spearmanr", "exact_match", "rouge", "token_f1", "seqeval")
+LOCAL_METRICS = ("accuracy", "f1", "mse", "pearsonr", "spearmanr", "exact_match", "rouge", "token_f1", "seqeval", "squad")
 # evaluate's mse passes `squared` to sklearn's mean_squared_error, which scikit-learn 1.6 removed;
-# token_f1 is hftune's own (the Hub has none of that name).
-LOCAL_FIRST = ("mse", "token_f1")
+# token_f1 is hftune's own (the Hub has none of that name); the Hub's squad cannot score unanswerable
+# questions (squad_v2 takes other inputs), where hftune's squad scores both as the official scripts do.
+LOCAL_FIRST = ("mse", "token_f1", "squad")
 
 
 def local_metric_path(name):

@@ -357,6 +357,13 @@ def pipeline_snippet(task, ref, chat=False):
     return f'```python\nfrom transformers import pipeline\n\npipe = pipeline("{task}", model="{ref}"){ask}\n```'
 
 
+def run_snippet(bundle, ref):
+    """The saved model in its transformers pipeline, or the task's own loader where transformers has none."""
+    if bundle.usage:
+        return f"```python\n{bundle.usage.format(ref=ref)}\n```"
+    return pipeline_snippet(bundle.pipeline_task, ref, bundle.answers)
+
+
 def adapter_snippet(bundle, model_args, ref):
     """Loading the adapter as AdapterSaver left it: the base rebuilt with this run's labels, then the adapter."""
     base_class = type(bundle.adapter.base_model).__name__
@@ -368,16 +375,16 @@ def adapter_snippet(bundle, model_args, ref):
 
 
 def usage_section(bundle, model_args, args):
-    ref, task = model_reference(args), bundle.pipeline_task
+    ref = model_reference(args)
     # a merged push (hftune/results/hub.py's hub_push_merged) puts a plain checkpoint in the repo the card describes
     merged_on_hub = args.push_to_hub and args.hub_push_merged and ref == args.hub_model_id
     if bundle.adapter is None or merged_on_hub:
-        return f"## How to use\n\n{pipeline_snippet(task, ref, bundle.answers)}"
+        return f"## How to use\n\n{run_snippet(bundle, ref)}"
     text = (f"## How to use\n\nThis folder holds a PEFT adapter ({describe(model_args)}):\n\n"
             + adapter_snippet(bundle, model_args, ref))
     if model_args.merge_adapter:
         text += ("\n\nBase and adapter merged into a plain checkpoint (on disk where the run wrote it):\n\n"
-                 + pipeline_snippet(task, os.path.join(os.path.abspath(args.output_dir), MERGED_DIR), bundle.answers))
+                 + run_snippet(bundle, os.path.join(os.path.abspath(args.output_dir), MERGED_DIR)))
     return text
 
 

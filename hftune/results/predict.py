@@ -9,6 +9,8 @@
   scores them (config.problem_type);
 - token classification: the words, the tag predicted for each (at its first sub-token; None where
   truncation cut the word off) and, where the split has labels, the true tags;
+- multiple choice: the chosen ending's index (`choice`), its softmax probability over the row's endings,
+  every ending's, and, where the split has labels, the right ending's index (`true_choice`);
 - causal LM: the greedy continuation (`max_new_tokens`) of each example's text;
 - sft: each row's prompt (the ids training used before its last trained turn), the greedy answer,
   the reference and whether the answer stopped; evaluation adds the answers' metrics
@@ -80,10 +82,11 @@ def check_predict_args(data_args, args):
     for key, split in (("eval_split", args.eval_split), ("predict_split", args.predict_split)):
         if split not in SPLITS:
             raise HftuneError(f"{key} '{split}' is not a split hftune reads; choose one of {list(SPLITS)}.")
-    generates = traits(data_args.task).output == "tokens"
+    generates = traits(data_args.task).auto_model == "AutoModelForCausalLM"  # a masked LM's head generates nothing
     answers = traits(data_args.task).inputs == "chat"
     if args.max_new_tokens is not None and not ((args.do_predict and generates) or (args.do_eval and answers)):
-        raise HftuneError(f"max_new_tokens applies to do_predict with task {', '.join(tasks_where(output='tokens'))}, "
+        causal = ", ".join(tasks_where(auto_model="AutoModelForCausalLM"))
+        raise HftuneError(f"max_new_tokens applies to do_predict with task {causal}, "
                           f"or do_eval with {', '.join(tasks_where(inputs='chat'))}, only; drop it.")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise HftuneError(f"max_new_tokens must be >= 1, got {args.max_new_tokens}.")
@@ -113,7 +116,7 @@ def split_dataset(bundle, split):
 
 
 def has_labels(dataset):
-    return "labels" in dataset.column_names
+    return "labels" in dataset.column_names or "start_positions" in dataset.column_names  # (QA's span labels)
 
 
 def attach_inputs(bundle, raw, data_args, args):
@@ -163,7 +166,9 @@ def evaluate(trainer, dataset, split, bundle=None, answers=None):
     if not has_labels(dataset):
         raise HftuneError(f"eval_split '{split}' has no labels; evaluate a labelled split, or use do_predict alone.")
     prefix = split_prefix(split)
-    metrics = {**trainer.evaluate(dataset, metric_key_prefix=prefix), f"{prefix}_samples": len(dataset)}
+    # examples, not features: a question-answering split has several features per long context
+    examples = len(bundle.span_answers.questions[split]) if bundle is not None and bundle.span_answers else len(dataset)
+    metrics = {**trainer.evaluate(dataset, metric_key_prefix=prefix), f"{prefix}_samples": examples}
     if bundle is not None and bundle.answers and trainer.is_world_process_zero():
         rows = answers if answers is not None else _answer(trainer, bundle, dataset)
         metrics.update(generation_metrics(rows, prefix) if rows else {})
@@ -190,6 +195,10 @@ def predict(trainer, bundle, args):
         rows, metrics = _classify(trainer, bundle, dataset, split)
     elif bundle.pipeline_task == "token-classification":
         rows, metrics = _tag(trainer, bundle, dataset, split)
+    elif bundle.pipeline_task == "multiple-choice":
+        rows, metrics = _choose(trainer, bundle, dataset, split)
+    elif bundle.span_answers is not None:
+        rows, metrics = _answer_spans(trainer, bundle, dataset, split)
     elif bundle.answers:
         rows = _answer(trainer, bundle, dataset) if trainer.is_world_process_zero() else []
         metrics = evaluate(trainer, dataset, split, bundle, rows)
@@ -279,6 +288,38 @@ def _tag(trainer, bundle, dataset, split):
         if labels is not None:
             row["true_tags"] = [names[int(labels[i][first[w]])] if w in first else None for w in range(len(words))]
         rows.append(row)
+    return rows, metrics
+
+
+def _answer_spans(trainer, bundle, dataset, split):
+    """One row per question (not per feature of a long context): its question, the predicted answer text
+    and, where the split has answers, the reference answers."""
+    prefix = split_prefix(split)
+    logits, _, metrics = class_logits(trainer, bundle, dataset, prefix)
+    spans = bundle.span_answers
+    questions, references = spans.questions[split], spans.splits[split][2]
+    if metrics:
+        metrics = {**metrics, f"{prefix}_samples": len(questions)}
+        _report(trainer, prefix, metrics)
+    rows = [{"index": i, "question": q, "answer": a} for i, (q, a) in enumerate(zip(questions, spans.texts(split, logits)))]
+    for row, answers in zip(rows, references or ()):
+        row["true_answers"] = answers
+    return rows, metrics
+
+
+def _choose(trainer, bundle, dataset, split):
+    """One row per example: the ending with the highest score, the softmax over its endings, the true index."""
+    prefix = split_prefix(split)
+    logits, labels, metrics = class_logits(trainer, bundle, dataset, prefix)
+    if metrics:
+        metrics = {**metrics, f"{prefix}_samples": len(dataset)}
+        _report(trainer, prefix, metrics)
+    rows = []
+    for i, probs in enumerate(softmax(np.asarray(logits, dtype=np.float64))):
+        best = int(probs.argmax())
+        rows.append({"index": i, "choice": best, "score": float(probs[best]), "probabilities": probs.tolist()})
+        if labels is not None:
+            rows[-1]["true_choice"] = int(labels[i])
     return rows, metrics
 
 

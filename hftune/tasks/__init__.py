@@ -19,8 +19,11 @@ from hftune.errors import HftuneError, closest
 TASKS = {
     "text-classification": "hftune.tasks.text_classification",
     "causal-lm": "hftune.tasks.causal_lm",
+    "masked-lm": "hftune.tasks.masked_lm",
     "sft": "hftune.tasks.sft",
     "token-classification": "hftune.tasks.token_classification",
+    "multiple-choice": "hftune.tasks.multiple_choice",
+    "question-answering": "hftune.tasks.question_answering",
     "image-classification": "hftune.tasks.image_classification",
 }
 

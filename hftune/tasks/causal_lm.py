@@ -27,8 +27,6 @@ from functools import partial
 from itertools import chain
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 from datasets import Dataset
 from transformers import (
@@ -43,6 +41,7 @@ from hftune.errors import HftuneError
 from hftune.tasks.common import (
     TaskBundle, TaskTraits, TextFields, load_config, load_weights, pretrained_source, processor_path,
 )
+from hftune.tasks.language_modeling import blocks_dataset, perplexity, token_stream
 
 logger = logging.getLogger("hftune")
 
@@ -165,23 +164,14 @@ def cut_blocks(stream, lengths, block_size, isolate):
 
 def pack_blocks(tokenized, block_size, split, isolate=False):
     """Cut the split's whole token stream into block_size blocks (cut_blocks); only its last partial
-    block is dropped (run_clm.py drops one per 1000-text batch). Arrow hands the stream over without
-    Python lists.
+    block is dropped (run_clm.py drops one per 1000-text batch).
 
     >>> ds = Dataset.from_dict({"input_ids": [[1, 2, 3], [4, 5], [6, 7, 8]]})
     >>> pack_blocks(ds, 3, "train")[:]["input_ids"]
     [[1, 2, 3], [4, 5, 6]]
     """
-    texts = tokenized.with_format("arrow")[:].column("input_ids").combine_chunks()  # respects select/shuffle
-    stream = pc.list_flatten(texts).to_numpy()
-    if len(stream) < block_size:
-        raise HftuneError(
-            f"the {split} split has only {len(stream)} tokens, fewer than block_size={block_size}; "
-            "lower block_size or add text."
-        )
-    columns = cut_blocks(stream, pc.list_value_length(texts).to_numpy(), block_size, isolate)
-    return Dataset(pa.table({name: pa.FixedSizeListArray.from_arrays(pa.array(column.ravel()), block_size)
-                             for name, column in columns.items()}))
+    stream, lengths = token_stream(tokenized, split, block_size)
+    return blocks_dataset(cut_blocks(stream, lengths, block_size, isolate))
 
 
 def pack_stream(tokenized, block_size, texts_per_batch=1000, isolate=False):
@@ -321,26 +311,6 @@ def collator_for(data_args, apart, tokenizer):
     # labels padded with -100 by the collator, not masked by token id: with pad == eos,
     # DataCollatorForLanguageModeling(mlm=False) would also hide every real EOS from the loss.
     return FlatteningCollator() if apart else DataCollatorForSeq2Seq(tokenizer)
-
-
-def perplexity(metrics):
-    """`<prefix>_perplexity` = exp(`<prefix>_loss`) for each evaluation loss in a log line; inf
-    once the loss is too large for exp (> ~709). The validation one also as plain `perplexity`, the
-    key run_clm.py writes.
-
-    >>> perplexity({"eval_loss": 0.0, "loss": 2.0})
-    {'eval_perplexity': 1.0, 'perplexity': 1.0}
-    """
-    derived = {}
-    for key, loss in metrics.items():
-        if key.endswith("_loss") and key != "train_loss":
-            try:
-                derived[key[: -len("loss")] + "perplexity"] = math.exp(loss)
-            except OverflowError:
-                derived[key[: -len("loss")] + "perplexity"] = float("inf")
-    if "eval_perplexity" in derived:
-        derived["perplexity"] = derived["eval_perplexity"]
-    return derived
 
 
 def build(model_args, data_args, raw):

@@ -91,6 +91,7 @@ class TaskTraits:
     output: str  # "classes": a head over the data's labels; "tokens": a language-model head
     inputs: str  # "text", "image", or "chat" (conversations rendered by a chat template)
     peft_task_type: str = None  # peft's TaskType; None where peft has none
+    distills: bool = True  # whether distillation's one-output-per-example (or per-token LM) loss fits its outputs
 
 
 @dataclass
@@ -104,12 +105,14 @@ class TaskBundle:
     main_metric: str = "eval_loss"  # the number the end-of-run summary reports
     derived_metrics: Callable = None  # dict of metrics -> extra metrics (e.g. perplexity)
     test_dataset: Any = None
-    pipeline_task: str = None  # transformers.pipeline task that loads the saved model
+    pipeline_task: str = None  # transformers.pipeline task that loads the saved model (the Hub's pipeline_tag)
+    usage: str = None  # where transformers has no pipeline for the task: Python that loads and runs it ({ref})
     adapter: Any = None  # hftune.compression.adapters.AdapterSaver under peft: saves what the adapter needs beside it
     predict_inputs: Any = None  # texts of the predict_split (prompts of a causal LM), set for do_predict
     skipped_rows: dict = None  # split -> rows dropped as unusable (empty text, unreadable image)
     data_counts: dict = None  # more counts for the results, e.g. train_dropped_no_labels (sft)
     answers: bool = False  # evaluation also generates answers to the rows' prompts and scores them (sft)
+    span_answers: Any = None  # question-answering: turns a split's start/end logits into answer texts
 
 
 def pretrained_source(model_args):

@@ -19,6 +19,8 @@ from hftune.tasks import TASKS, traits
 
 
 DEFAULT_TASK = "text-classification"  # where the checkpoint cannot be read: loading it names the problem later
+# inputs read off the data's columns: a task that takes one is inferred only from such data
+SHAPED = ("chat", "words", "question-context", "choices")
 
 
 def checkpoint_config(model_args):
@@ -75,7 +77,30 @@ def data_kind(data_args):
         return "chat", f"the columns of train_file {os.path.basename(path)}"
     if is_word_table(path, suffix):
         return "words", f"the columns of train_file {os.path.basename(path)} (words and their tags)"
+    if is_squad_table(path, suffix):
+        return "question-context", f"the columns of train_file {os.path.basename(path)} (question, context, answers)"
+    if is_choice_table(path, suffix):
+        return "choices", f"the columns of train_file {os.path.basename(path)} (endings to choose from)"
     return None, None
+
+
+def is_choice_table(path, suffix):
+    """run_swag.py's ending0, ending1, ... columns, or HellaSwag's `endings` list."""
+    try:
+        columns = file_columns(path, suffix)
+    except (OSError, ValueError):
+        return False
+    return {"ending0", "ending1"} <= set(columns) or "endings" in columns
+
+
+def is_squad_table(path, suffix):
+    from hftune.data import is_squad_file
+
+    try:
+        return (suffix == ".json" and is_squad_file(path)) or \
+            {"question", "context", "answers"} <= set(file_columns(path, suffix))
+    except (OSError, ValueError):
+        return False
 
 
 def is_word_table(path, suffix):
@@ -125,12 +150,14 @@ def takes(task_traits):
     """(the checkpoint kind, the data file kinds) a task with these traits takes."""
     if task_traits.inputs == "chat":
         return "lm", ("chat",)
+    if task_traits.auto_model == "AutoModelForMaskedLM":  # an encoder's LM head: a .txt corpus to adapt it to
+        return "text", (".txt",)
     if task_traits.output == "tokens":
         return "lm", (".txt",)
     if task_traits.inputs == "image":
         return "image", ("folder",)
-    if task_traits.inputs == "words":
-        return "text", ("words",)
+    if task_traits.inputs in SHAPED:
+        return "text", (task_traits.inputs,)
     return "text", ()
 
 
@@ -140,9 +167,11 @@ def infer_task(model_args, data_args):
     kind, model_source = checkpoint_kind(config) if config is not None else (None, None)
     files, data_source = data_kind(data_args)
     # a language model takes chat data for sft, any other data as causal-lm; an encoder takes word-tagged
-    # data for token-classification, any other as text-classification
+    # data for token-classification, SQuAD-style data for question-answering, endings to choose from for
+    # multiple-choice, a .txt corpus for masked-lm, any other as text-classification
     by_model = {name for name in TASKS if takes(traits(name))[0] == kind
-                and (traits(name).inputs in ("chat", "words")) == (files in ("chat", "words"))}
+                and (traits(name).inputs in SHAPED) == (files in SHAPED)
+                and (traits(name).auto_model != "AutoModelForMaskedLM" or files == ".txt")}  # else a classifier
     by_data = {name for name in TASKS if files in takes(traits(name))[1]}
     if by_data and by_model and not by_model & by_data:
         raise HftuneError(f"task is not set, and {model_source} suggests {' or '.join(sorted(by_model))} while "

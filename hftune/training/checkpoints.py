@@ -68,6 +68,11 @@ def checkpoints(output_dir):
     return [os.path.join(output_dir, name) for _, name in sorted(found)]
 
 
+def complete_steps(output_dir):
+    """{step: folder} of the sealed checkpoints in output_dir."""
+    return {int(CHECKPOINT.match(os.path.basename(f)).group(1)): f for f in checkpoints(output_dir) if is_complete(f)}
+
+
 def latest_complete(output_dir):
     """The newest sealed checkpoint; newer unsealed ones (an interrupted save) are skipped with a warning."""
     for folder in reversed(checkpoints(output_dir)):
