@@ -137,6 +137,10 @@ def test_a_run_learns_to_answer_and_answers_per_question(tiny_bert, tmp_path):
     long_context = ". ".join(["the river was mild and shops opened slowly"] * 12) + ". She visited Lima in May."
     assert answer(str(out), QUESTION, long_context, max_seq_length=48, doc_stride=16) == "Lima"  # in a later feature
     assert 'answer("' in (out / "README.md").read_text()  # the card's usage: transformers 5 has no QA pipeline
+    main(["evaluate", "--model_name_or_path", str(out), "--train_file", str(tmp_path / "train.jsonl"),
+          "--validation_file", str(tmp_path / "validation.jsonl"),
+          "--output_dir", str(tmp_path / "evaluated"), "--max_seq_length", "48", "--doc_stride", "16"])
+    assert read_json(tmp_path / "evaluated" / "all_results.json")["eval_f1"] == pytest.approx(f1[-1])
 
 
 def test_unanswerable_questions_are_learned_with_version_2(tiny_bert, tmp_path):

@@ -122,11 +122,48 @@ def test_run_ner_command_runs_as_written(tiny_bert, tmp_path):
     assert sorted(config["id2label"].values()) == sorted(NAMES)
 
 
-def test_distillation_is_refused_in_one_line(tiny_bert, tmp_path, capsys):
-    args = ["--model_name_or_path", tiny_bert, "--task", "token-classification", "--teacher_model_name_or_path",
-            tiny_bert, "--train_file", write_jsonl(tmp_path / "train.jsonl", sentences(8)),
-            "--output_dir", str(tmp_path / "out")]
-    assert "distillation of token-classification is not supported yet" in fail(capsys, args)
+def test_a_student_learns_the_tags_from_its_teacher_alone(tiny_bert, tmp_path):
+    """Token-level distillation with distill_alpha 0: the student never sees a label's class, only the
+    teacher's tag distribution at each labelled sub-token, and still learns to tag."""
+    from hftune.run import main
+
+    train = write_jsonl(tmp_path / "train.jsonl", sentences(128))
+    validation = write_jsonl(tmp_path / "validation.jsonl", sentences(32, seed=1))
+    common = ["--task", "token-classification", "--train_file", train, "--validation_file", validation,
+              "--num_train_epochs", "4", "--learning_rate", "5e-3", "--per_device_train_batch_size", "16",
+              "--report_to", "none", "--seed", "0", "--disable_tqdm", "true", "--logging_steps", "4"]
+    main(["--model_name_or_path", tiny_bert, "--output_dir", str(tmp_path / "teacher"), *common])
+    main(["--model_name_or_path", tiny_bert, "--output_dir", str(tmp_path / "student"), *common,
+          "--teacher_model_name_or_path", str(tmp_path / "teacher"), "--distill_alpha", "0"])
+    teacher, student = (read_json(tmp_path / name / "all_results.json")["eval_f1"] for name in ("teacher", "student"))
+    assert teacher > 0.8 and student > 0.6, (teacher, student)
+    history = read_json(tmp_path / "student" / "trainer_state.json")["log_history"]
+    distilled = [e["distill_loss"] for e in history if "distill_loss" in e]
+    assert distilled and distilled[-1] < 0.5 * distilled[0], distilled
+
+
+def test_token_distillation_counts_only_labelled_sub_tokens(tiny_bert):
+    """The KL is taken where labels are not -100 (first sub-tokens; no [CLS], [SEP], padding): a student
+    that differs from its teacher only elsewhere has no distillation loss."""
+    from types import SimpleNamespace
+
+    import torch
+    from transformers import AutoModelForTokenClassification
+
+    from hftune.compression.distillation import distiller_for
+
+    teacher = AutoModelForTokenClassification.from_pretrained(tiny_bert, num_labels=len(NAMES))
+    distiller = distiller_for(teacher, SimpleNamespace(distill_alpha=0.0, distill_temperature=1.0),
+                              SimpleNamespace(state=SimpleNamespace(), device="cpu"))
+    inputs = dict(AutoTokenizer.from_pretrained(tiny_bert)(["Ada flew to Kathmandu"], return_tensors="pt"))
+    labels = torch.full_like(inputs["input_ids"], IGNORE)
+    labels[0, 1:3] = 1
+    with torch.no_grad():
+        student = teacher(**inputs).logits.clone()
+    student[labels == IGNORE] += torch.randn_like(student[labels == IGNORE]) * 10  # differs only where unlabelled
+    assert distiller.mix(torch.tensor(0.0), student, inputs, labels).item() == pytest.approx(0.0, abs=1e-6)
+    student[0, 1, 0] += 5.0  # one labelled position, one tag
+    assert distiller.mix(torch.tensor(0.0), student, inputs, labels).item() > 0.01
 
 
 def test_lora_trains_the_adapters_and_saves_the_tag_head(tiny_bert, tmp_path):

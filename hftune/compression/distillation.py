@@ -5,7 +5,8 @@ frozen teacher's temperature-softened outputs,
 
 for all three task families: classes of a text or image classifier, tokens of a causal LM (a KL over
 the vocabulary at every position the LM loss predicts), masked tokens of a masked LM (the same, at its
-masked positions; teacher and student see the same masked batch). The teacher is loaded with the task's Auto
+masked positions; teacher and student see the same masked batch), the tags of a token classifier (over its
+tags, at every labelled sub-token). The teacher is loaded with the task's Auto
 class in float32, frozen and kept in eval mode; every engine that trains places it beside the
 student (a whole copy per process under DDP and ZeRO-1/2, sharded like the student under ZeRO-3).
 
@@ -27,7 +28,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 import transformers
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES, MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES,
+)
 
 from hftune.assets import resolve_model
 from hftune.errors import HftuneError
@@ -75,8 +78,8 @@ def distillation_loss(student_logits, teacher_logits, temperature, labels=None, 
 
     Without labels (classification) the KL of each example is averaged. With labels (an LM) only the
     positions whose label is not `ignore_index` count, the logits shifted as the LM loss shifts them
-    (`shift` 1, causal LM: position i predicts token i + 1; 0, masked LM: each masked position its own
-    token): their KL is averaged, or summed and divided by `num_items` when the task loss is normalized
+    (`shift` 1, causal LM: position i predicts token i + 1; 0, masked LM or token classifier: each position
+    its own token or tag): their KL is averaged, or summed and divided by `num_items` when the task loss is normalized
     that way (the tokens of a whole accumulated batch).
     """
     if labels is not None:
@@ -100,9 +103,9 @@ class Distiller:
         >>> loss = distiller.mix(task_loss, outputs.logits, inputs, inputs["labels"])  # doctest: +SKIP
     """
 
-    def __init__(self, teacher, alpha, temperature, causal, masked=False):
+    def __init__(self, teacher, alpha, temperature, causal, per_token=False):
         self.teacher, self.alpha, self.temperature, self.causal = teacher, alpha, temperature, causal
-        self.masked = masked  # a masked LM: the KL of its masked positions, unshifted
+        self.per_token = per_token  # a masked LM or token classifier: the KL at its labelled positions, unshifted
         self._sums, self._steps = torch.zeros(2), 0.0
 
     def teacher_logits(self, inputs):
@@ -117,7 +120,7 @@ class Distiller:
         # prompt/prefix tuning prepends virtual tokens to the student's sequence: align on the real ones
         student_logits = student_logits[..., -teacher_logits.shape[-2]:, :] if self.causal else student_logits
         distill = distillation_loss(student_logits, teacher_logits, self.temperature,
-                                    labels=labels if self.causal or self.masked else None, num_items=num_items,
+                                    labels=labels if self.causal or self.per_token else None, num_items=num_items,
                                     shift=1 if self.causal else 0)
         share = 1.0 if scaled else 1.0 / accumulation
         parts = torch.stack([task_loss.detach(), distill.detach()]).float() * share
@@ -265,6 +268,7 @@ def distiller_for(teacher, args, accelerator):
     if teacher is None:
         return None
     causal = type(teacher).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
-    masked = not causal and type(teacher).__name__ in MODEL_FOR_MASKED_LM_MAPPING_NAMES.values()
+    per_token = type(teacher).__name__ in (*MODEL_FOR_MASKED_LM_MAPPING_NAMES.values(),
+                                           *MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES.values())
     return Distiller(place_teacher(teacher, accelerator), args.distill_alpha, args.distill_temperature, causal,
-                     masked)
+                     not causal and per_token)

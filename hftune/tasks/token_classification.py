@@ -45,7 +45,7 @@ class DataFields(TextFields):
 
 
 TRAITS = TaskTraits(auto_model="AutoModelForTokenClassification", output="classes", inputs="words",
-                    peft_task_type="TOKEN_CLS", distills=False)
+                    peft_task_type="TOKEN_CLS")
 
 
 def tag_names(raw, column):
