@@ -122,3 +122,20 @@ def test_a_main_process_ip_other_machines_cannot_reach_is_refused():
         pin_socket_interface({"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"})
     with pytest.raises(HftuneError, match="main_process_ip 'no-such-host.invalid' does not resolve"):
         pin_socket_interface({"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "no-such-host.invalid"})
+
+
+def test_processes_started_with_different_configs_are_refused(monkeypatch):
+    """Every process's resolved config is gathered once the group is up: one that differs (a node whose
+    command set another learning rate) stops the run on every process, naming the setting; the output_dir
+    may differ (one per node)."""
+    import torch.distributed as dist
+
+    from hftune.launch.checks import check_same_config
+
+    configs = [{"learning_rate": 5e-3, "output_dir": "/a"}, {"learning_rate": 1e-3, "output_dir": "/b"}]
+    monkeypatch.setattr(dist, "all_gather_object", lambda out, mine: out.__setitem__(slice(None), configs))
+    with pytest.raises(HftuneError, match=r"^process 1 runs with learning_rate=0.001, process 0 with 0.005: every "
+                                          r"node's command must give the same config"):
+        check_same_config(configs[0], 2)
+    configs[1]["learning_rate"] = 5e-3
+    check_same_config(configs[0], 2)  # only output_dir differs: allowed

@@ -178,3 +178,57 @@ def test_lora_trains_the_adapters_and_saves_the_tag_head(tiny_bert, tmp_path):
     saved = load_file(out / "adapter_model.safetensors")
     assert any("lora_" in name for name in saved) and any("classifier" in name for name in saved)
     assert read_json(out / "adapter_config.json")["task_type"] == "TOKEN_CLS"
+
+
+def test_class_label_tags_keep_their_names_and_order(tiny_bert, tmp_path):
+    """Tags stored as a ClassLabel sequence (as the Hub's conll2003 stores them): the head follows the
+    ClassLabel's names and order, not the sorted strings."""
+    from datasets import ClassLabel, Dataset, Features, Sequence, Value
+
+    from hftune.run import main
+
+    order = ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"]  # not sorted
+    features = Features({"tokens": Sequence(Value("string")), "ner_tags": Sequence(ClassLabel(names=order))})
+    rows = [{"tokens": r["tokens"], "ner_tags": [order.index(t) for t in r["ner_tags"]]} for r in sentences(16)]
+    Dataset.from_list(rows, features=features).to_parquet(str(tmp_path / "train.parquet"))
+    out = tmp_path / "out"
+    main(["--model_name_or_path", tiny_bert, "--train_file", str(tmp_path / "train.parquet"), "--max_steps", "1",
+          "--validation_split_percentage", "0", "--do_eval", "false", "--output_dir", str(out), "--report_to", "none"])
+    assert [read_json(out / "config.json")["id2label"][str(i)] for i in range(5)] == order
+
+
+def test_resume_continues_exactly(tiny_bert, tmp_path):
+    from conftest import run_engine
+    from test_sft import trained_weights
+
+    train = write_jsonl(tmp_path / "train.jsonl", sentences(48))
+    flags = ["--model_name_or_path", tiny_bert, "--train_file", train, "--validation_split_percentage", "0",
+             "--do_eval", "false", "--max_steps", "6", "--per_device_train_batch_size", "8", "--learning_rate",
+             "5e-3", "--save_strategy", "steps", "--save_steps", "3", "--report_to", "none", "--seed", "0"]
+    run_engine([*flags, "--output_dir", str(tmp_path / "whole")])
+    run_engine([*flags, "--output_dir", str(tmp_path / "resumed"),
+                "--resume_from_checkpoint", str(tmp_path / "whole" / "checkpoint-3")])
+    whole, resumed = trained_weights(tmp_path / "whole"), trained_weights(tmp_path / "resumed")
+    checkpoint = trained_weights(tmp_path / "whole" / "checkpoint-3")
+    assert max((whole[k] - checkpoint[k]).abs().max().item() for k in whole) > 1e-3
+    assert max((whole[k] - resumed[k]).abs().max().item() for k in whole) < 1e-6
+
+
+@pytest.mark.slow
+def test_ddp_equals_one_process(tiny_bert, tmp_path):
+    """2 processes x 4 rows = 1 process x 8 rows (SGD). The loss is each micro-batch's mean over its labelled
+    tokens, as run_ner.py's: equal only where every micro-batch labels as many tokens, so rows of 6 words."""
+    from conftest import launch, logged_losses, run_engine
+    from test_sft import trained_weights
+
+    rows = [r for r in sentences(64) if len(r["tokens"]) == 6][:32]  # one length: equal token counts per row
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    flags = ["--model_name_or_path", tiny_bert, "--task", "token-classification", "--train_file", train,
+             "--validation_split_percentage", "0", "--do_eval", "false", "--max_steps", "4", "--optim", "sgd",
+             "--learning_rate", "0.5", "--train_sampling_strategy", "sequential", "--logging_steps", "1",
+             "--save_strategy", "no", "--report_to", "none", "--seed", "0", "--disable_tqdm", "true"]
+    launch("ddp.yaml", 2, [*flags, "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "two")])
+    run_engine([*flags, "--per_device_train_batch_size", "8", "--output_dir", str(tmp_path / "one")])
+    assert logged_losses(tmp_path / "two") == pytest.approx(logged_losses(tmp_path / "one"), abs=1e-4)
+    two, one = trained_weights(tmp_path / "two"), trained_weights(tmp_path / "one")
+    assert max((two[k] - one[k]).abs().max().item() for k in one) < 1e-4
