@@ -237,7 +237,7 @@ def test_a_masked_lm_distills_from_a_teacher(tiny_bert, corpus, tmp_path):
     out = tmp_path / "student"
     engine, history = run_engine(mlm_args(tiny_bert, *corpus, out, max_steps=4, teacher_model_name_or_path=teacher,
                                           distill_alpha=0.5))
-    assert engine.distiller.masked and not engine.distiller.causal
+    assert engine.distiller.per_token and not engine.distiller.causal
     logged = [e for e in history if "distill_loss" in e]
     assert len(logged) == 4 and all(0 < e["distill_loss"] < 50 for e in logged)
 

@@ -13,8 +13,9 @@ from hftune.engines.accelerate_loop import AccelerateEngine
 from hftune.training.optim import OPTIMIZERS, build_optimizer
 from hftune.tasks.common import TaskBundle
 
-# A learning rate that suits each optimizer on the tiny BERT.
-LEARNING_RATES = {"sgd": 0.5, "gd": 1.0, "adam": 3e-3, "adamw": 3e-3, "adagrad": 0.05, "rmsprop": 1e-3,
+# A learning rate that suits each optimizer on the tiny BERT (whatever its random init: adagrad at 0.05 diverged
+# mid-run for 3 of 5 seeds, at 0.02 for none).
+LEARNING_RATES = {"sgd": 0.5, "gd": 1.0, "adam": 3e-3, "adamw": 3e-3, "adagrad": 0.02, "rmsprop": 1e-3,
                   "lbfgs": 0.5, "adamw_torch": 3e-3, "adafactor": 3e-3}
 CASES = [(name, engine) for name in LEARNING_RATES for engine in ("trainer", "accelerate")
          if not (name == "lbfgs" and engine == "trainer")]  # lbfgs under trainer: refused, see test_bad_input
