@@ -14,7 +14,9 @@ Who owns what (each module one job; no module imports one that imports it back, 
     training/        TrainingArguments + hftune's switches (arguments.py), optimizers and schedules,
                      regularization, NaN guard, sampling, crash-safe checkpoints
     compression/     PEFT (adapters.py), pruning, distillation, quantization: each with its own fields
-    launch/          launch checks, GPU defaults, `hftune plan` (resolve.py, memory.py, plan.py)
+    launch/          launch checks, GPU defaults, `hftune plan` (resolve.py, memory.py, plan.py); several
+                     machines: socket interface, pre-flight, lost peers (network.py), output_dir layout and
+                     the checkpoint all nodes resume from (nodes.py)
     results/         predictions, generated answers' metrics (generation.py), model card + plots, Hub push,
                      throughput
     metrics/         offline `evaluate` metric modules
