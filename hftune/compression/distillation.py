@@ -6,7 +6,8 @@ frozen teacher's temperature-softened outputs,
 for all three task families: classes of a text or image classifier, tokens of a causal LM (a KL over
 the vocabulary at every position the LM loss predicts), masked tokens of a masked LM (the same, at its
 masked positions; teacher and student see the same masked batch), the tags of a token classifier (over its
-tags, at every labelled sub-token). The teacher is loaded with the task's Auto
+tags, at every labelled sub-token), the answer span of a question-answering model (its start and its end
+distributions over the feature's positions). The teacher is loaded with the task's Auto
 class in float32, frozen and kept in eval mode; every engine that trains places it beside the
 student (a whole copy per process under DDP and ZeRO-1/2, sharded like the student under ZeRO-3).
 
@@ -94,6 +95,14 @@ def distillation_loss(student_logits, teacher_logits, temperature, labels=None, 
     return kl.sum() / (max(len(kl), 1) if num_items is None else num_items)
 
 
+def task_logits(outputs):
+    """What teacher and student are compared on: the logits, or a span model's start and end logits as two
+    distributions over the positions of each example ([batch, 2, positions])."""
+    if getattr(outputs, "logits", None) is not None:
+        return outputs.logits
+    return torch.stack([outputs.start_logits, outputs.end_logits], dim=1)
+
+
 class Distiller:
     """Mixes a task loss with the teacher's distillation term, and keeps both parts for the log lines
     (`task_loss`, `distill_loss`: per optimizer step, as `loss` is).
@@ -110,7 +119,7 @@ class Distiller:
 
     def teacher_logits(self, inputs):
         with torch.no_grad():
-            return self.teacher(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+            return task_logits(self.teacher(**{k: v for k, v in inputs.items() if k != "labels"}))
 
     def mix(self, task_loss, student_logits, inputs, labels, num_items=None, accumulation=1, scaled=False):
         """alpha * task_loss + (1 - alpha) * distillation term, normalized as task_loss is: `scaled`
@@ -169,9 +178,6 @@ def check_distillation(model_args, args):
 def check_config(model_args, data_args, training_args):
     """The feature's parse-time check (hftune.features)."""
     check_distillation(model_args, training_args)
-    if model_args.teacher_model_name_or_path and data_args.task and not traits(data_args.task).distills:
-        raise HftuneError(f"distillation of {data_args.task} is not supported yet (its loss compares one output per "
-                          "example); drop teacher_model_name_or_path.")
 
 
 # ---- the teacher ----

@@ -12,7 +12,7 @@ from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, has_length
 
 from hftune.training.checkpoints import commit, unseal
-from hftune.compression.distillation import distiller_for
+from hftune.compression.distillation import distiller_for, task_logits
 from hftune.training.guards import guard_for
 from hftune.results.hub import describe_error, push_problems
 from hftune.launch.checks import ddp_comm_kwargs
@@ -156,7 +156,7 @@ class HftuneTrainer(Trainer):
         if scaled and num_items_in_batch is not None:
             processes = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
             tokens = num_items_in_batch / processes
-        return self.distiller.mix(loss, outputs.logits, inputs, labels, num_items=tokens,
+        return self.distiller.mix(loss, task_logits(outputs), inputs, labels, num_items=tokens,
                                   accumulation=self.current_gradient_accumulation_steps, scaled=scaled)
 
     def log(self, logs, *args, **kwargs):

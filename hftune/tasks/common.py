@@ -91,7 +91,6 @@ class TaskTraits:
     output: str  # "classes": a head over the data's labels; "tokens": a language-model head
     inputs: str  # "text", "image", or "chat" (conversations rendered by a chat template)
     peft_task_type: str = None  # peft's TaskType; None where peft has none
-    distills: bool = True  # whether distillation's one-output-per-example (or per-token LM) loss fits its outputs
 
 
 @dataclass

@@ -54,7 +54,7 @@ class DataFields:
 DEFAULTS = {"max_seq_length": 384}  # run_qa.py's: a question and a context part per feature
 
 TRAITS = TaskTraits(auto_model="AutoModelForQuestionAnswering", output="spans", inputs="question-context",
-                    peft_task_type="QUESTION_ANS", distills=False)
+                    peft_task_type="QUESTION_ANS")
 
 
 def check_config(model_args, data_args, training_args):
