@@ -214,6 +214,14 @@ def predict(trainer, bundle, args):
     return metrics
 
 
+def _report_split(trainer, prefix, metrics, samples):
+    """A predicted split's metrics (none for a split without labels) with its example count, logged and saved."""
+    if metrics:
+        metrics = {**metrics, f"{prefix}_samples": samples}
+        _report(trainer, prefix, metrics)
+    return metrics
+
+
 def _report(trainer, prefix, metrics):
     trainer.log_metrics(prefix, metrics)
     trainer.save_metrics(prefix, metrics)
@@ -251,9 +259,7 @@ def dataset_order(args):
 def _classify(trainer, bundle, dataset, split):
     prefix = split_prefix(split)
     logits, labels, metrics = class_logits(trainer, bundle, dataset, prefix)
-    if metrics:
-        metrics = {**metrics, f"{prefix}_samples": len(dataset)}
-        _report(trainer, prefix, metrics)
+    metrics = _report_split(trainer, prefix, metrics, len(dataset))
     config = bundle.model.config
     describe = {"regression": _score_row, "multi_label_classification": _labels_row}.get(
         problem_type(config), _class_row)
@@ -272,9 +278,7 @@ def _tag(trainer, bundle, dataset, split):
     truncation cut off) and, where the split has labels, the true tags."""
     prefix = split_prefix(split)
     logits, labels, metrics = class_logits(trainer, bundle, dataset, prefix)
-    if metrics:
-        metrics = {**metrics, f"{prefix}_samples": len(dataset)}
-        _report(trainer, prefix, metrics)
+    metrics = _report_split(trainer, prefix, metrics, len(dataset))
     names = bundle.model.config.id2label
     rows = []
     for i, words in enumerate(bundle.predict_inputs):
@@ -298,9 +302,7 @@ def _answer_spans(trainer, bundle, dataset, split):
     logits, _, metrics = class_logits(trainer, bundle, dataset, prefix)
     spans = bundle.span_answers
     questions, references = spans.questions[split], spans.splits[split][2]
-    if metrics:
-        metrics = {**metrics, f"{prefix}_samples": len(questions)}
-        _report(trainer, prefix, metrics)
+    metrics = _report_split(trainer, prefix, metrics, len(questions))
     rows = [{"index": i, "question": q, "answer": a} for i, (q, a) in enumerate(zip(questions, spans.texts(split, logits)))]
     for row, answers in zip(rows, references or ()):
         row["true_answers"] = answers
@@ -311,9 +313,7 @@ def _choose(trainer, bundle, dataset, split):
     """One row per example: the ending with the highest score, the softmax over its endings, the true index."""
     prefix = split_prefix(split)
     logits, labels, metrics = class_logits(trainer, bundle, dataset, prefix)
-    if metrics:
-        metrics = {**metrics, f"{prefix}_samples": len(dataset)}
-        _report(trainer, prefix, metrics)
+    metrics = _report_split(trainer, prefix, metrics, len(dataset))
     rows = []
     for i, probs in enumerate(softmax(np.asarray(logits, dtype=np.float64))):
         best = int(probs.argmax())
