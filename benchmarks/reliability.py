@@ -6,12 +6,12 @@ Kill trials: one uninterrupted reference run, then per trial a fresh output_dir,
 reference's wall time, rerun until it exits (at most 5 kills per trial: with --kills_per_trial 2
 the rerun is killed once more). A trial is `identical` when the final model.safetensors holds the
 same tensors, bit for bit, as the reference's.
-Bad input: each case runs hftune once. `clear` = exit code 2 with exactly one `hftune: error:` line
-and no traceback; `traceback` = any Python traceback; anything else (a run that finished, another
-exit code) is listed by name.
+Bad input: the battery of benchmarks/battery.py (recipes, command lines, data, models, output
+folders, checkpoints), each case run once in this process and sorted as clear / traceback /
+accepted / lost (see there).
 
-    python benchmarks/reliability.py --trials 10            # ~5 minutes on 2 CPU cores
-    python benchmarks/reliability.py --trials 0 --cases 3   # bad input only: the tests' quick check
+    python benchmarks/reliability.py --trials 10            # ~6 minutes on 2 CPU cores
+    python benchmarks/reliability.py --trials 0             # the bad-input battery alone (~1 minute)
 """
 
 import argparse
@@ -30,17 +30,8 @@ from safetensors.torch import load_file
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench import tiny_bert, tweet_corpus  # noqa: E402
-
-
-def tweet_split(folder, rows=400, train_rows=320):
-    import pandas as pd
-
-    frame = pd.concat(pd.read_csv(path) for path in tweet_corpus(folder, rows=rows))  # already shuffled
-    frame = frame.rename(columns={"sentiment": "label"})
-    frame.iloc[:train_rows].to_csv(folder / "train.csv", index=False)
-    frame.iloc[train_rows:].to_csv(folder / "validation.csv", index=False)
-    return str(folder / "train.csv"), str(folder / "validation.csv")
+from battery import Materials, all_cases, run_battery, table, tweet_split  # noqa: E402
+from bench import tiny_bert  # noqa: E402
 
 
 def hftune_command(model, train, validation, output_dir, steps=16, **overrides):
@@ -106,57 +97,13 @@ def kill_trials(opts, make_command, folder, rng):
     return rows, wall
 
 
-def bad_input_cases(model, train, validation, folder):
-    """(name, command) for each bad config and bad data case."""
-    def with_rows(name, text):
-        path = folder / f"{name}.csv"
-        path.write_bytes(text)
-        return str(path)
-
-    def case(name, **overrides):
-        overrides = {"train_file": train, "validation_file": validation, "resume_from_checkpoint": None, **overrides}
-        return name, hftune_command(model, overrides.pop("train_file"), overrides.pop("validation_file"),
-                                    folder / f"bad-{name.replace(' ', '-')}", **overrides)
-
-    return [
-        case("negative learning_rate", learning_rate=-1),
-        case("batch size 0", per_device_train_batch_size=0),
-        case("learning_rate not a number", learning_rate="fast"),
-        case("unknown key", learnig_rate=1e-3),
-        case("warmup_ratio 1.5", warmup_ratio=1.5, warmup_steps=None),
-        case("missing label column", label_column="sentiment"),
-        case("missing train file", train_file=str(folder / "nowhere.csv")),
-        case("empty train split", train_file=with_rows("empty", b"text,label\n")),
-        case("label out of range", train_file=with_rows("label7", b"text,label\nhello,0\nworld,7\n"),
-             validation_file=with_rows("label7v", b"text,label\nhello,0\nworld,1\n")),
-        case("non-UTF-8 bytes", train_file=with_rows("latin1", "text,label\ncaf\xe9,0\nna\xefve,1\n".encode("latin-1"))),
-        case("model that does not exist", model_name_or_path=str(folder / "no-model")),
-        case("resume from a missing checkpoint", resume_from_checkpoint=str(folder / "checkpoint-9")),
-    ]
-
-
-def run_bad_input(cases, folder):
-    rows = []
-    for name, command in cases:
-        result = subprocess.run(command, env=child_env(), cwd=REPO, capture_output=True, text=True)
-        errors = [line for line in result.stderr.splitlines() if line.startswith("hftune: error:")]
-        traceback = "Traceback (most recent call last)" in result.stdout + result.stderr
-        clear = result.returncode == 2 and len(errors) == 1 and not traceback
-        rows.append(dict(case=name, code=result.returncode, clear=clear, traceback=traceback,
-                         message=errors[0] if errors else ""))
-    return rows
-
-
-def report(kills, wall, bad):
+def report(kills, wall, battery):
     lines = [f"kill -9 trials (reference run {wall:.1f} s wall; delays uniform over it)",
              "| trials | killed | resumed | identical | tracebacks after a kill |", "|---|---|---|---|---|",
              f"| {len(kills)} | {sum(r['killed'] > 0 for r in kills)} ({sum(r['killed'] for r in kills)} kills) "
              f"| {sum(r['resumed'] for r in kills)} | {sum(r['identical'] for r in kills)} "
              f"| {sum(r['tracebacks'] for r in kills)} |", "",
-             "bad input", "| cases | errors clear | tracebacks | other |", "|---|---|---|---|",
-             f"| {len(bad)} | {sum(r['clear'] for r in bad)} | {sum(r['traceback'] for r in bad)} "
-             f"| {sum(not r['clear'] and not r['traceback'] for r in bad)} |", ""]
-    lines += [f"- {r['case']}: " + (r["message"] if r["clear"] else f"NOT CLEAR (exit {r['code']})") for r in bad]
+             "bad input (benchmarks/battery.py)", table(battery)]
     return "\n".join(lines)
 
 
@@ -166,6 +113,7 @@ def main(argv=None):
     parser.add_argument("--kills_per_trial", type=int, default=2)
     parser.add_argument("--steps", type=int, default=16, help="max_steps of every run (saves every 3 steps)")
     parser.add_argument("--cases", type=int, default=None, help="run only the first N bad-input cases")
+    parser.add_argument("--kind", default=None, help="run only the bad-input cases of this kind (recipe, cli, ...)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default=None)
     opts = parser.parse_args(argv)
@@ -175,9 +123,10 @@ def main(argv=None):
     model = tiny_bert(folder / "tiny-bert")
     kills, wall = kill_trials(opts, lambda out: hftune_command(model, train, validation, out, opts.steps), folder,
                               random.Random(opts.seed))
-    bad = run_bad_input(bad_input_cases(model, train, validation, folder)[:opts.cases], folder)
-    print(report(kills, wall, bad))
-    failed = sum(not r["identical"] for r in kills) + sum(not r["clear"] for r in bad)
+    cases = [c for c in all_cases(Materials(folder / "battery")) if opts.kind in (None, c.kind)]
+    battery = run_battery(cases[:opts.cases])
+    print(report(kills, wall, battery))
+    failed = sum(not r["identical"] for r in kills) + sum(o.verdict != "clear" for o in battery)
     return 1 if failed else 0
 
 

@@ -11,6 +11,8 @@ Example:
 import logging
 from dataclasses import fields
 
+from datasets import IterableDataset
+
 from hftune.errors import HftuneError
 from hftune.tasks import get_task, traits
 
@@ -78,7 +80,45 @@ def detect_columns(raw, data_args):
         setattr(data_args, key, value)
     if found:
         logger.info("columns: " + ", ".join(f"{k}={v}" for k, v in found.items()) + " (detected; set them to change)")
+    check_column_types(raw, data_args)
     return join_text_columns(raw, data_args)
+
+
+def check_column_types(raw, data_args):
+    """A column whose rows mix types (datasets reads it as Json) or a text column that holds no text
+    would fail deep in the tokenizer or in arrow: name the column and the fix instead."""
+    texts = [] if reads_words(data_args) else [getattr(data_args, key) for key in ("text_column", "text_pair_column")
+                                               if reads(data_args, key) and getattr(data_args, key)]
+    for split, dataset in raw.items():
+        if dataset.features is None:  # a stream whose columns are not known yet
+            continue
+        for name, feature in dataset.features.items():
+            if type(feature).__name__ == "Json" and not isinstance(dataset, IterableDataset):  # (rows at hand)
+                raise HftuneError(f"column '{name}' of the {split} split mixes value types: {_odd_row(dataset, name)}; "
+                                  "give every row the same type.")
+        for name in (n for t in texts for n in t.split(",")):
+            kind = _string_columns(dataset).get(name, "string") if name in dataset.column_names else "string"
+            if kind != "string":
+                what = "lists (words?)" if kind is None else f"{kind} values"
+                raise HftuneError(f"text_column '{name}' of the {split} split holds {what}, not text; give each "
+                                  "row one string" + (" (task: token-classification tags lists of words)."
+                                                      if kind is None else ", or set text_column to the text."))
+
+
+def _kind(value):
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return {str: "a string", dict: "a mapping", bool: "a boolean"}.get(type(value), type(value).__name__)
+    return "a number"
+
+
+def _odd_row(dataset, name):
+    """`row 0 holds a list, row 1 a string ('x')`: the first row whose value is of another kind than the first's."""
+    values = [(row, value) for row, value in enumerate(dataset[name]) if value is not None]
+    first_row, first = values[0]
+    row, odd = next((row, value) for row, value in values if _kind(value) != _kind(first))
+    return f"row {first_row} holds {_kind(first)}, row {row} {_kind(odd)} ({odd!r})"
 
 
 def reads_words(data_args):

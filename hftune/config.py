@@ -12,11 +12,8 @@ Example:
 
 import argparse
 import json
-import os
-import re
 import sys
 from dataclasses import dataclass, fields
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -30,6 +27,7 @@ from hftune.features import feature_modules
 from hftune.launch.gpu_defaults import bf16_by_default
 from hftune.outputs import CONFIG_FILE
 from hftune.ranges import DATA_RANGES, check_ranges
+from hftune.recipe_file import load_recipe, recipe_path
 from hftune.tasks import TASKS, get_task, task_fields
 from hftune.tasks.common import BaseModelArguments
 from hftune.tasks.inference import infer_task
@@ -60,19 +58,6 @@ HftuneTrainingArguments = compose(
 CONFIG_CLASSES = (ModelArguments, DataArguments, HftuneTrainingArguments)
 
 
-class _Yaml12Loader(yaml.SafeLoader):
-    """YAML 1.2 booleans: only true/false, so `eval_strategy: no` stays the string 'no'."""
-
-
-_Yaml12Loader.yaml_implicit_resolvers = {
-    first: [r for r in resolvers if r[0] != "tag:yaml.org,2002:bool"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_Yaml12Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
-)
-
-
 class _OneLineErrorParser(HfArgumentParser):
     """argparse prints the full usage (hundreds of options) on error; print one line instead."""
 
@@ -95,31 +80,6 @@ def build_parser():
 
 def field_names():
     return {f.name for cls in CONFIG_CLASSES for f in fields(cls) if f.init}
-
-
-def recipe_path(name_or_path):
-    """A YAML file on disk, or the name of a recipe shipped in hftune/recipes."""
-    if os.path.isfile(name_or_path):
-        return Path(name_or_path)
-    shipped = resources.files("hftune") / "recipes" / f"{name_or_path}.yaml"
-    if os.sep not in name_or_path and shipped.is_file():  # a bare name, never a mistyped path
-        return Path(str(shipped))
-    names = sorted(p.name[: -len(".yaml")] for p in (resources.files("hftune") / "recipes").iterdir())
-    raise HftuneError(f"config file '{name_or_path}' not found; pass a YAML path or a shipped recipe: {names}.")
-
-
-def load_recipe(path):
-    try:
-        recipe = yaml.load(Path(path).read_text(), Loader=_Yaml12Loader) or {}
-    except yaml.YAMLError as err:
-        raise HftuneError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
-    if not isinstance(recipe, dict):
-        raise HftuneError(f"{path} must be a mapping of field: value, got {type(recipe).__name__}.")
-    known = field_names() | set(ALIASES)
-    for key in recipe:
-        if key not in known:
-            raise HftuneError(f"unknown config key '{key}' in {path}.{closest(key, known)}")
-    return recipe
 
 
 def _declared_type(name):
@@ -215,7 +175,7 @@ def parse_config(argv=None):
     known, cli = pre.parse_known_args(argv)
     cli = to_canonical(cli)
     path, base = config_base(known.config, cli)
-    recipe = choose_data_source(load_recipe(path), cli, path) if path else {}
+    recipe = choose_data_source(load_recipe(path, field_names() | set(ALIASES)), cli, path) if path else {}
     parser = build_parser()
     recipe_argv, defaults = recipe_to_argv(recipe)
     recipe_argv = to_canonical(recipe_argv)
@@ -236,6 +196,8 @@ def parse_config(argv=None):
         raise HftuneError(str(err).strip().splitlines()[0]) from None
     if remaining:
         flag = next((r for r in remaining if r.startswith("--")), remaining[0])
+        if not flag.startswith("--") and flag.endswith((".yaml", ".yml")):
+            raise HftuneError(f"'{flag}' looks like a recipe; pass it as --config {flag}.")
         raise HftuneError(f"unknown argument '{flag}'.{closest(flag.lstrip('-'), field_names())}")
     model_args, data_args, training_args = parsed[:3]  # parsed[3]: the namespace holding --config
     training_args.machine_defaults = ("bf16",) if bf16 else ()

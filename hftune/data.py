@@ -26,6 +26,7 @@ from datasets.exceptions import DatasetGenerationCastError, DatasetGenerationErr
 
 from hftune.assets import get_asset, is_asset
 from hftune.columns import detect_columns
+from hftune.files import not_utf8, ragged_row
 from hftune.errors import HftuneError, closest
 from hftune.tasks import TASKS
 from hftune.training.optim import optimizer_spec, schedule_kwargs
@@ -147,33 +148,44 @@ def _load(data_args, cache_dir):
         )
     if builder == "csv" and any(Path(p).suffix.lower() == ".tsv" for p in files.values()):
         common["delimiter"] = "\t"
+    if builder == "csv":
+        _check_csv_rows(files, common.get("delimiter", ","))
     if builder == "text":
         common["keep_linebreaks"] = getattr(data_args, "keep_linebreaks", False)
     if builder == "json" and all(is_squad_file(path) for path in files.values()):
         common["field"] = "data"  # SQuAD's {"version": ..., "data": [rows]}, as run_qa.py reads it
     try:
         return load_dataset(builder, data_files=files, **common)
-    except DatasetGenerationCastError:
-        # The files' columns differ (e.g. one lacks the label column): read each on its own, so that
-        # the task names the missing column's config key and split instead of datasets' cast error.
-        return DatasetDict({split: load_dataset(builder, data_files={split: path}, split=split, **common)
-                            for split, path in files.items()})
     except DatasetGenerationError as err:
         if isinstance(err.__cause__, UnicodeDecodeError):
             raise HftuneError(_not_utf8(files)) from None
-        raise
+        if not isinstance(err, DatasetGenerationCastError) and not _is_cast_error(err):
+            raise
+        # The files' columns or column types differ (e.g. one lacks the label column): read each on its
+        # own, so that the task names the column's config key and split instead of datasets' cast error.
+        return DatasetDict({split: load_dataset(builder, data_files={split: path}, split=split, **common)
+                            for split, path in files.items()})
+
+
+def _is_cast_error(err):
+    """arrow could not give a later file the first file's column types."""
+    cause = str(err.__cause__ or "")
+    return cause.startswith(("Couldn't cast", "Failed to parse string"))
+
+
+def _check_csv_rows(files, delimiter):
+    for split, path in files.items():
+        found = ragged_row(f"{split}_file", path, delimiter)
+        if found:
+            raise HftuneError(found)
 
 
 def _not_utf8(files):
     """Which file and line are not UTF-8 (datasets' error names neither)."""
     for split, path in files.items():
-        with open(path, "rb") as handle:
-            for number, line in enumerate(handle, start=1):
-                try:
-                    line.decode("utf-8")
-                except UnicodeDecodeError as err:
-                    return (f"{split}_file '{path}' is not valid UTF-8: line {number} has byte "
-                            f"0x{line[err.start]:02x}; re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8).")
+        found = not_utf8(f"{split}_file", path)
+        if found:
+            return found
     return "the data is not valid UTF-8; re-encode the files as UTF-8."
 
 

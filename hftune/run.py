@@ -20,10 +20,8 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from hftune.compression.adapters import apply_peft
 from hftune.assets import is_asset
 from hftune.results.card import write_report
-from hftune.training.checkpoints import (
-    MANIFEST, check_compatible, complete_steps, holds_only_an_interrupted_start, is_complete, latest_complete,
-    run_record,
-)
+from hftune.training.checkpoints import check_compatible, holds_only_an_interrupted_start, run_record
+from hftune.training.resume import check_shapes, resolve_checkpoint, resumes_latest
 from hftune.config import parse_config, resolved_config, save_resolved_config
 from hftune.data import check_streaming, is_stream, load_raw_datasets
 from hftune.compression.distillation import load_teacher
@@ -31,11 +29,11 @@ from hftune.engines import build_engine
 from hftune.errors import HftuneError
 from hftune.launch.gpu_defaults import log_bf16_default, warn_slow_cpu_bf16
 from hftune.launch.network import lost_peer_line, pin_socket_interface
-from hftune.launch.nodes import agree_on_checkpoint, check_output_layout
+from hftune.launch.nodes import check_output_layout
 from hftune.launch.threads import use_all_cores
 from hftune.results.hub import push_results
 from hftune.launch.checks import check_same_config, check_world_size
-from hftune.outputs import CONFIG_FILE, EVALUATE_CONFIG_FILE
+from hftune.outputs import CONFIG_FILE, EVALUATE_CONFIG_FILE, check_output_location
 from hftune.results.predict import (
     attach_inputs, check_fine_tuned, check_predict_args, check_splits, evaluate, predict, split_dataset, split_prefix,
     wanted_splits,
@@ -76,35 +74,6 @@ def check_output_dir(training_args, checkpoint):
     )
 
 
-def resumes_latest(training_args):
-    return str(training_args.resume_from_checkpoint).lower() in ("true", "auto")
-
-
-def resolve_checkpoint(training_args):
-    """`resume_from_checkpoint: auto` (or `true`) means the latest complete checkpoint in output_dir,
-    or a fresh start where the run never completed one, so a killed run resumes by rerunning its command."""
-    resume = training_args.resume_from_checkpoint
-    if resume is None or str(resume).lower() in ("false", "none", ""):
-        return None
-    if resumes_latest(training_args):
-        last = latest_complete(training_args.output_dir)
-        if training_args.world_size > 1:  # the newest step complete on every node (one output_dir per node)
-            last = agree_on_checkpoint(complete_steps(training_args.output_dir), training_args)
-        if last is None:
-            logger.warning(f"resume_from_checkpoint: {resume} but output_dir '{training_args.output_dir}' holds "
-                           "no complete checkpoint: training from the start.")
-        else:
-            logger.info(f"resuming from {last}, the latest complete checkpoint"
-                        + (" on every process" if training_args.world_size > 1 else ""))
-        return last
-    if not os.path.isdir(resume):
-        raise HftuneError(f"resume_from_checkpoint '{resume}' does not exist; pass a checkpoint-* folder or true.")
-    if not is_complete(resume):
-        raise HftuneError(f"resume_from_checkpoint '{resume}' is incomplete (no valid {MANIFEST}: its save was "
-                          "interrupted); pass an earlier checkpoint or resume_from_checkpoint: auto.")
-    return resume
-
-
 def check_model_source(model_args):
     if model_args.model_type:  # trained from scratch: no checkpoint to look at
         return
@@ -119,6 +88,7 @@ def check_model_source(model_args):
 
 
 def check_inputs(model_args, data_args, training_args):
+    check_output_location(training_args.output_dir)
     check_model_source(model_args)
     if data_args.test_file and "test" not in wanted_splits(training_args):
         raise HftuneError("test_file is set but do_predict is false (and eval_split is not test), so it would be ignored; "
@@ -161,6 +131,8 @@ def setup(model_args, data_args, training_args):
             ) from None
         bundle.model, bundle.adapter = apply_peft(bundle.model, model_args, data_args, training_args)
         teacher = load_teacher(model_args, data_args.task, bundle.model, bundle.processor)
+    if checkpoint is not None:
+        check_shapes(checkpoint, bundle.model)
     if not training_args.do_train:  # evaluating a saved model: its head must already know the data's classes
         check_fine_tuned(model_args, bundle)
     problem = getattr(bundle.model.config, "problem_type", None)
@@ -168,10 +140,11 @@ def setup(model_args, data_args, training_args):
         raise HftuneError(f"label_smoothing_factor smooths one class per row; the labels here make a {problem} "
                           "problem: drop label_smoothing_factor.")
     attach_inputs(bundle, raw, data_args, training_args)
+    engine = build_engine(bundle, training_args, checkpoint, teacher)  # its checks too run before the first write
     # Without training, output_dir may be the saved model's own folder: keep its training config.
     save_resolved_config(model_args, data_args, training_args,
                          CONFIG_FILE if training_args.do_train else EVALUATE_CONFIG_FILE)
-    return build_engine(bundle, training_args, checkpoint, teacher), bundle, checkpoint
+    return engine, bundle, checkpoint
 
 
 def train(trainer, bundle, training_args, checkpoint):

@@ -316,7 +316,7 @@ def reordered_teacher(tiny_bert, tmp_path_factory):
     ({"distill_temperature": 0, "teacher_model_name_or_path": "x"}, "distill_temperature must be > 0"),
     ({"distill_alpha": 0.5}, "distill_alpha needs teacher_model_name_or_path"),
     ({"distill_temperature": 3}, "distill_temperature needs teacher_model_name_or_path"),
-    ({"teacher_model_name_or_path": "/nowhere/teacher"}, "could not load teacher_model_name_or_path '/nowhere/teacher'"),
+    ({"teacher_model_name_or_path": "/nowhere/teacher"}, "teacher_model_name_or_path '/nowhere/teacher' is not a folder"),
 ])
 def test_bad_distillation_settings(capsys, extra, expected, tiny_bert, text_data, tmp_path):
     line = fail(capsys, strategy_args(tiny_bert, tmp_path / "out", *text_data[:2], **extra))

@@ -315,6 +315,130 @@ def test_recommendation_from_none_fits_to_ddp(capsys, bert_38m):
     assert "ZeRO-3 (" in chosen and "accelerate_configs/deepspeed_zero3.yaml" in chosen
 
 
+# ---- several machines: per-node memory and communication (hftune.launch.traffic) ----
+
+# A 1-layer BERT small enough to count by hand: embeddings 100*8 words + 16*8 positions + 2*8 types + 2*8 norm = 960;
+# the layer: q, k, v, out 4*(8*8 + 8) + norm 16 + intermediate 8*16 + 16 + output 16*8 + 8 + norm 16 = 600;
+# pooler 8*8 + 8 = 72; classifier (2 labels) 8*2 + 2 = 18.
+TINY_PARAMS = 960 + 600 + 72 + 18
+# PowerSGD rank 1 keeps k*(n+m) of a matrix where 2*(n+m) < n*m, the rest whole: words 108, positions 24, q/k/v/out
+# 4*16, intermediate 24, output 24, pooler 16; whole: types 16, classifier 16 and the 114 bias/norm elements.
+TINY_POWERSGD = 108 + 24 + 4 * 16 + 24 + 24 + 16 + (16 + 16) + 114
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_1650(tmp_path_factory):
+    from transformers import BertConfig
+
+    path = tmp_path_factory.mktemp("bert-1650")
+    BertConfig(vocab_size=100, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
+               max_position_embeddings=16).save_pretrained(path)
+    return str(path)
+
+
+def tiny_plan(model, *argv, world=4, accelerate="ddp"):
+    return build_plan(["--model_name_or_path", model, "--max_seq_length", "16", "--config_file",
+                       config_file(accelerate), "--num_processes", str(world), *argv])
+
+
+def test_traffic_follows_the_ring_formulas_counted_by_hand(tiny_bert_1650):
+    """fp32, 4 processes, r = 3/4: DDP 2r*4P, ZeRO-1/2 r*4P + r*4P, ZeRO-3 3r*4P, the fp16 hook half of DDP,
+    PowerSGD 2r*4 times the elements it keeps."""
+    plan = tiny_plan(tiny_bert_1650)
+    assert plan.facts.params == plan.facts.trainable == TINY_PARAMS
+    sent = {label: traffic.total for label, traffic in plan.traffic.items()}
+    assert sent == {"DDP": 2 * 0.75 * TINY_PARAMS * 4, "DDP, fp16/bf16 hook": 0.75 * TINY_PARAMS * 4,
+                    "DDP, PowerSGD r=1": 2 * 0.75 * TINY_POWERSGD * 4, "ZeRO-1": 2 * 0.75 * TINY_PARAMS * 4,
+                    "ZeRO-2": 2 * 0.75 * TINY_PARAMS * 4, "ZeRO-3 / FSDP": 3 * 0.75 * TINY_PARAMS * 4}
+    assert sent["ZeRO-3 / FSDP"] / sent["DDP"] == 1.5  # 3:2
+    assert sent["DDP, fp16/bf16 hook"] == sent["DDP"] / 2
+    assert plan.this_traffic == ("DDP", plan.traffic["DDP"])
+
+
+def test_zero2_and_zero3_communicate_at_every_micro_batch(tiny_bert_1650):
+    """With 3 accumulation steps DDP (no_sync) and ZeRO-1 still send once per optimizer step; ZeRO-2
+    reduce-scatters gradients, ZeRO-3 also gathers parameters, at each micro-batch."""
+    sent = {k: t.total for k, t in tiny_plan(tiny_bert_1650, "--gradient_accumulation_steps", "3").traffic.items()}
+    r4p = 0.75 * 4 * TINY_PARAMS
+    assert (sent["DDP"], sent["ZeRO-1"], sent["ZeRO-2"], sent["ZeRO-3 / FSDP"]) == (2 * r4p, 2 * r4p, 4 * r4p, 9 * r4p)
+
+
+def test_this_launch_uses_its_compression(tiny_bert_1650, tmp_path):
+    hooked = tiny_plan(tiny_bert_1650, "--ddp_comm_hook", "fp16")
+    assert hooked.this_traffic == ("DDP, fp16 comm hook", hooked.traffic["DDP, fp16/bf16 hook"])
+    powersgd = tiny_plan(tiny_bert_1650, "--ddp_comm_hook", "powersgd", "--powersgd_rank", "2")
+    assert powersgd.this_traffic[1].total == powersgd.traffic["DDP, PowerSGD r=2"].total < powersgd.traffic["DDP"].total
+    # DeepSpeed's communication_data_type fp16 halves the gradients of an fp32 run, not the parameter all-gather.
+    accelerate = open(os.path.join(REPO, config_file("deepspeed_zero2"))).read()
+    (tmp_path / "launch.yaml").write_text(accelerate.replace("zero2.json", "zero2_comm_fp16.json"))
+    plan = build_plan(["--model_name_or_path", tiny_bert_1650, "--config_file", str(tmp_path / "launch.yaml"),
+                       "--num_processes", "4"])
+    assert plan.this_traffic[1].total == plan.traffic["ZeRO-2"].total == 0.75 * TINY_PARAMS * (2 + 4)
+
+
+def test_peft_sends_only_the_adapter_gradients(tiny_bert_1650):
+    """LoRA r=2 on query/key/value: 3 x (2*8 + 8*2) = 96 trainable, plus the classifier's trained copy (18);
+    ZeRO-3 still gathers every parameter, the frozen base included."""
+    plan = tiny_plan(tiny_bert_1650, "--peft", "lora", "--lora_r", "2")
+    trainable, params = 96 + 18, TINY_PARAMS + 96 + 18
+    assert (plan.facts.trainable, plan.facts.params) == (trainable, params)
+    assert plan.traffic["DDP"].total == 2 * 0.75 * trainable * 4
+    assert plan.traffic["ZeRO-3 / FSDP"].total == 0.75 * 4 * (2 * params + trainable)
+
+
+def test_several_machines_print_nodes_per_node_memory_and_seconds(capsys, tiny_bert_1650):
+    # a micro-batch big enough that the memory totals print well above 0.001 GiB
+    text = printed_plan(capsys, ["--model_name_or_path", tiny_bert_1650, "--max_seq_length", "16", "--config_file",
+                                 config_file("multi_node"), "--num_machines", "2", "--num_processes", "4",
+                                 "--network_bandwidth", "10Gbit", "--per_device_train_batch_size", "65536"])
+    assert value(text, "num_machines") == "2" and value(text, "processes per node") == "2"
+    totals = [float(v) for v in value(text, "total").split()]
+    per_node = [float(v) for v in value(text, "per node (x2)").split()]
+    assert min(totals) > 0.1 and per_node == pytest.approx([2 * t for t in totals], rel=0.01)
+    ddp = value(text, "DDP").split()  # sent per process, over each node link, seconds at 10 Gbit/s
+    sent = 2 * 0.75 * TINY_PARAMS * 4
+    assert ddp == [f"{sent / 1024:.1f}", "KiB", f"{sent / 1024:.1f}", "KiB", f"{sent / 1.25e9:.3g}"]
+    assert "this launch: DDP: " in text and "GiB per node" in text
+
+
+def test_one_machine_sends_nothing_across_nodes_and_cpu_nodes_count_ram(capsys, tmp_path):
+    """On CPUs (use_cpu) a node's 'devices' are its RAM: per node = processes x (device + offloaded)."""
+    (tmp_path / "cpu.yaml").write_text("distributed_type: MULTI_GPU\nuse_cpu: true\nnum_processes: 2\n")
+    argv = ["--config_file", str(tmp_path / "cpu.yaml")]  # the default recipe's MiniLM: figures of 0.1 GiB
+    text = printed_plan(capsys, argv)
+    assert value(text, "DDP").split()[2:4] == ["0", "B"] and "(one machine: nothing crosses)" in text
+    off = build_plan(argv).table["ZeRO-3 off"]
+    assert off.host > 0.1 * off.total
+    assert float(value(text, "node RAM (x2)").split()[5]) == pytest.approx(2 * (off.total + off.host) / 2**30, rel=0.01)
+
+
+@pytest.mark.parametrize("text, expected", [("10Gbit", 1.25e9), ("100Gbps", 12.5e9), ("25GB/s", 25e9),
+                                            ("1GiB/s", 2**30), ("800 Mbit/s", 1e8)])
+def test_network_bandwidth_units(text, expected):
+    from hftune.launch.traffic import parse_bandwidth
+
+    assert parse_bandwidth(text) == expected
+
+
+# ---- multiple-choice: one sequence per ending ----
+
+
+@pytest.mark.parametrize("extra, endings", [([], 4), (["--ending_columns", "a,b,c"], 3)])
+def test_multiple_choice_activations_count_every_ending(extra, endings):
+    """SciQ (the recipe's data) has 4 answers a row, read from its first row; named ending columns are counted
+    without reading. Activations = endings x a text-classification row of the same model and length; by hand
+    (Korthikanti, SDPA, fp32): 6 layers x s*b*h*34*4/2 bytes with s=128, h=384, b = 2 rows x endings."""
+    def planned(recipe, *more):
+        plan = build_plan(["--config", recipe, "--config_file", config_file("single_device"), "--max_seq_length", "128",
+                           "--per_device_train_batch_size", "2", *more])
+        return plan.table["DDP"].activations, plan.facts.activation_formula
+
+    choices, formula = planned("multiple_choice", *extra)
+    row, _ = planned("text_classification")
+    assert "5*a*s/h" not in formula and f"b = 2 rows x {endings} endings" in formula
+    assert choices == endings * row == 6 * 128 * (2 * endings) * 384 * 34 * 4 / 2
+
+
 # ---- bad input ----
 
 
@@ -353,6 +477,16 @@ def test_missing_deepspeed_json(capsys, tmp_path):
 def test_bad_device_memory(capsys, text):
     line = fail(capsys, ["--device_memory", text])
     assert f"--device_memory '{text}' is not a size" in line
+
+
+def test_num_processes_must_split_evenly_over_machines(capsys):
+    line = fail(capsys, ["--config_file", config_file("multi_node"), "--num_machines", "2", "--num_processes", "3"])
+    assert "num_processes 3 is not a multiple of num_machines 2" in line
+
+
+@pytest.mark.parametrize("text", ["fast", "10", "0Gbit", "10 gigs", "5GB/h"])
+def test_bad_network_bandwidth(capsys, text):
+    assert f"--network_bandwidth '{text}' is not a bandwidth" in fail(capsys, ["--network_bandwidth", text])
 
 
 def test_pipeline_stages_must_divide_the_world(capsys):

@@ -380,7 +380,7 @@ def test_mixed_list_and_single_labels_are_one_line(bert, tmp_path, capsys):
     error = fail(capsys, ["--model_name_or_path", bert, "--train_file", str(tmp_path / "train.jsonl"),
                           "--validation_split_percentage", "0", "--output_dir", str(tmp_path / "out"),
                           "--report_to", "none", "--do_eval", "false", "--eval_strategy", "no"])
-    assert "mixes lists of labels (e.g. row 0) with single labels (row 1: 'x')" in error
+    assert "column 'label' of the train split mixes value types: row 0 holds a list, row 1 a string ('x')" in error
 
 
 def test_do_regression_and_its_companions_are_refused_where_they_cannot_apply(bert, tweets_csv, tmp_path, capsys):

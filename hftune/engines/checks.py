@@ -174,6 +174,9 @@ def check_training_strategy(args):
     if name_of(args.lr_scheduler_type) == "reduce_on_plateau" and args.eval_strategy == "no":
         raise HftuneError("lr_scheduler_type reduce_on_plateau steps on evaluations; "
                           "set eval_strategy: steps or epoch.")
+    if args.regularize != "weights" and not (args.l1_lambda or args.l2_lambda):
+        raise HftuneError(f"regularize '{args.regularize}' chooses what l1_lambda/l2_lambda penalise, and both are 0; "
+                          "set one of them, or drop regularize.")
     if (args.l1_lambda or args.l2_lambda) and shards_parameters(args):
         raise HftuneError("l1_lambda/l2_lambda need whole parameters on every process; FSDP and ZeRO-3 shard them "
                           "(use ZeRO-1/2 or DDP, or weight_decay).")

@@ -15,7 +15,9 @@ from hftune.training.checkpoints import commit, unseal
 from hftune.compression.distillation import distiller_for, task_logits
 from hftune.training.guards import guard_for
 from hftune.results.hub import describe_error, push_problems
-from hftune.launch.checks import ddp_comm_kwargs
+from hftune.data import is_stream
+from hftune.errors import HftuneError
+from hftune.launch.checks import ddp_comm_kwargs, uses_fsdp
 from hftune.training.optim import (
     WarmupReduceLROnPlateau, build_optimizer, build_scheduler, decay_parameter_names, describe_strategy,
     optimizer_spec, updates_per_epoch,
@@ -220,7 +222,7 @@ class PushSealedCheckpoint(TrainerCallback):
 
 
 def build_trainer(bundle, training_args, teacher=None):
-    return HftuneTrainer(
+    trainer = HftuneTrainer(
         model=bundle.model,
         args=training_args,
         train_dataset=bundle.train_dataset if training_args.do_train else None,
@@ -231,3 +233,22 @@ def build_trainer(bundle, training_args, teacher=None):
         derived_metrics=bundle.derived_metrics,
         teacher=teacher,
     )
+    check_best_metric(trainer, training_args)
+    return trainer
+
+
+def check_best_metric(trainer, args):
+    """metric_for_best_model must be a metric evaluation reports: transformers finds out at the first
+    evaluation, mid-run. An evaluation of two rows names them now. Sharded launches (DeepSpeed, FSDP) skip
+    this: an evaluation before training would set their engine up for inference."""
+    name = args.metric_for_best_model
+    if not name or trainer.eval_dataset is None or args.deepspeed or uses_fsdp(args) or is_stream(trainer.eval_dataset):
+        return
+    rows = trainer.eval_dataset.select(range(min(2, len(trainer.eval_dataset))))
+    metrics = trainer.predict(rows, metric_key_prefix="eval").metrics
+    if trainer.derived_metrics:
+        metrics.update(trainer.derived_metrics(metrics))
+    if (name if name.startswith("eval_") else f"eval_{name}") not in metrics:
+        reported = sorted(k for k in metrics if not k.endswith(("_runtime", "_per_second", "_preparation_time")))
+        raise HftuneError(f"metric_for_best_model '{name}' is not a metric evaluation reports ({reported}); "
+                          "choose one of them.")

@@ -18,8 +18,10 @@ probe layer; p = 2 under fp16/bf16 mixed precision, else 4; L = the largest modu
 Table columns "ZeRO-2 off" / "ZeRO-3 off": ZeRO-2 with the optimizer, ZeRO-3 with optimizer and parameters
 offloaded to CPU; "pipe KxD": K pipeline stages x D data-parallel replicas.
 Activations are approximate: transformers follow Korthikanti et al. 2022 (per layer
-s*b*h*(34 + 5*a*s/h) bytes at 16 bits; the attention-score term only for eager attention; x2 in fp32);
+s*b*h*(34 + 5*a*s/h) bytes at 16 bits; the attention-score term only for eager attention; x2 in fp32;
+multiple-choice runs one sequence per ending, so b = rows x endings);
 CNNs sum the feature maps their layers return, traced on the meta device.
+Under `peft` the meta model is wrapped by peft, so T counts the adapter's parameters (and what it saves in full).
 """
 
 import re
@@ -55,6 +57,7 @@ class ModelFacts:
     layer_activations: float  # bytes per device per micro-batch in the layers (split by pipeline stages)
     head_activations: float  # bytes outside them (LM logits)
     activation_formula: str
+    trainable_shapes: tuple = ()  # each trainable tensor's shape: what PowerSGD compresses (hftune.launch.traffic)
 
 
 def model_class(task_name):
@@ -159,31 +162,52 @@ def activations(model, path, common, data_args, args, act_bytes):
     """(layers, head, formula) bytes per device per micro-batch; zeros, said so, for an architecture
     neither formula fits (a config without layer sizes, a forward that cannot run on the meta device)."""
     config, batch = model.config, args.per_device_train_batch_size
+    task = traits(data_args.task)
+    endings = 1
+    if task.inputs == "choices":  # AutoModelForMultipleChoice runs one sequence per ending of each row
+        from hftune.tasks.multiple_choice import endings_per_row
+
+        endings = endings_per_row(data_args)
     try:
-        task = traits(data_args.task)
         if task.inputs == "image":
             height, width = image_size(path, common, config)
             channels = getattr(config, "num_channels", 3)
             traced, formula = traced_activations(model, channels, height, width, batch, act_bytes)
             return traced, 0.0, formula
-        return transformer_activations(config, batch, sequence_length(config, data_args), act_bytes,
-                                       args.gradient_checkpointing, lm_head=task.output == "tokens")
+        layers, head, formula = transformer_activations(config, batch * endings, sequence_length(config, data_args),
+                                                        act_bytes, args.gradient_checkpointing,
+                                                        lm_head=task.output == "tokens")
+        rows = f"; b = {batch} rows x {endings} endings, one sequence each" if endings > 1 else ""
+        return layers, head, formula + rows
     except (AttributeError, TypeError, RuntimeError, NotImplementedError) as err:
         return 0.0, 0.0, f"NOT estimated for {type(model).__name__} ({type(err).__name__}: {err}); add them yourself"
 
 
+def with_adapter(model, model_args, data_args, args):
+    """Under `peft`, the meta model wrapped as the run wraps it (its adapter on the meta device too), so that
+    `trainable` counts what gets gradients, optimizer states and all-reduce traffic: the adapter, not the base."""
+    if getattr(model_args, "peft", None) is None:
+        return model
+    from hftune.compression.adapters import apply_peft
+
+    return apply_peft(model, model_args, data_args, args)[0]
+
+
 def model_facts(model_args, data_args, args, launch):
     model, path, common = empty_model(model_args, data_args)
+    architecture = type(model).__name__
     act_bytes = 2 if launch.mixed_precision != "no" else 4
     layers, head, formula = activations(model, path, common, data_args, args, act_bytes)
+    model = with_adapter(model, model_args, data_args, args)
     root, blocks = fsdp_units(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
     return ModelFacts(
-        name=model_args.model_name_or_path, architecture=type(model).__name__,
-        params=sum(p.numel() for p in model.parameters()),
-        trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        name=model_args.model_name_or_path,
+        architecture=architecture + (f" + peft {model_args.peft}" if getattr(model_args, "peft", None) else ""),
+        params=sum(p.numel() for p in model.parameters()), trainable=sum(p.numel() for p in trainable),
         largest_layer=max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()),
         fsdp_root=root, fsdp_blocks=blocks, layer_activations=layers, head_activations=head,
-        activation_formula=formula,
+        activation_formula=formula, trainable_shapes=tuple(tuple(p.shape) for p in trainable),
     )
 
 

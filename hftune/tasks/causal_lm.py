@@ -39,7 +39,7 @@ from hftune.columns import detect_columns
 from hftune.data import apply_batched, drop_empty_texts, is_stream, limit_splits, require_columns
 from hftune.errors import HftuneError
 from hftune.tasks.common import (
-    TaskBundle, TaskTraits, TextFields, load_config, load_weights, pretrained_source, processor_path,
+    TaskBundle, TaskTraits, TextFields, check_room, load_config, load_weights, pretrained_source, processor_path,
 )
 from hftune.tasks.language_modeling import blocks_dataset, perplexity, token_stream
 
@@ -115,9 +115,18 @@ def load_model_and_tokenizer(model_args):
 
 def context_limit(data_args, tokenizer, model):
     """Tokens per example: block_size (or max_seq_length), capped by what the model can attend to."""
-    wanted = data_args.max_seq_length if data_args.block_size is None else data_args.block_size
+    name = "max_seq_length" if data_args.block_size is None else "block_size"
+    wanted = getattr(data_args, name)
     if wanted is None or wanted < 1:
-        raise HftuneError(f"block_size/max_seq_length must be a positive number of tokens, got {wanted}.")
+        raise HftuneError(f"{name} must be a positive number of tokens, got {wanted}.")
+    # A token is learnt from the ones before it: 2 tokens per example at the least (1 gives loss 0, perplexity nan),
+    # plus the special tokens a text gets where texts are not concatenated.
+    if data_args.concatenate_texts:  # blocks of a token stream: no special tokens of their own
+        if wanted < 2:
+            raise HftuneError(f"{name} {wanted} leaves nothing to learn (a token is predicted from the ones before "
+                              f"it); set {name} to at least 2 (128 or more is usual).")
+    else:
+        check_room(tokenizer, wanted, name, real=2)
     limits = [tokenizer.model_max_length, getattr(model.config, "max_position_embeddings", None)]
     limit = min(n for n in limits if n)
     if wanted > limit:

@@ -7,6 +7,9 @@ from typing import Any, Callable
 
 from hftune.assets import resolve_model
 from hftune.errors import HftuneError, closest
+from hftune.tasks.loading import (
+    check_architecture, check_checkpoint, check_folder, check_mismatched, check_processor_files, refuse_mismatch,
+)
 
 logger = logging.getLogger("hftune")
 
@@ -26,7 +29,13 @@ class BaseModelArguments:
     )
     ignore_mismatched_sizes: bool = field(
         default=True,
-        metadata={"help": "Re-initialise a classification head whose shape differs from the checkpoint's."},
+        metadata={"help": "Re-initialise a task head whose shape differs from the checkpoint's (a checkpoint "
+                          "fine-tuned on other labels). Backbone tensors never: see reinit_mismatched_backbone."},
+    )
+    reinit_mismatched_backbone: bool = field(
+        default=False,
+        metadata={"help": "Also re-initialise backbone tensors whose shape in config.json differs from the weights' "
+                          "(by default an error naming the first: the config and the weights disagree)."},
     )
     tokenizer_name: str = field(
         default=None, metadata={"help": "Tokenizer (or image processor) to load instead of the checkpoint's own: "
@@ -114,6 +123,16 @@ class TaskBundle:
     span_answers: Any = None  # question-answering: turns a split's start/end logits into answer texts
 
 
+def check_room(tokenizer, length, name="max_seq_length", pair=False, real=1):
+    """`length` tokens must hold the special tokens the tokenizer adds plus `real` tokens of text:
+    below that every input is special tokens only (nothing to learn) or is never truncated (fails mid-run)."""
+    specials = tokenizer.num_special_tokens_to_add(pair=pair)
+    if length < specials + real:
+        raise HftuneError(f"{name} {length} leaves no room for text: the tokenizer adds {specials} special token(s) "
+                          f"per input{' pair' if pair else ''} and at least {real} token(s) of text are needed; set "
+                          f"{name} to at least {specials + real} (128 or more is usual).")
+
+
 def pretrained_source(model_args):
     """(local path or Hub id, kwargs) for every from_pretrained call of a task: one revision,
     cache and trust_remote_code setting for model, config and processor alike."""
@@ -122,12 +141,17 @@ def pretrained_source(model_args):
     if model_args.trust_remote_code:
         logger.warning(f"trust_remote_code: true runs the Python code shipped with '{model_args.model_name_or_path}' "
                        "on this machine; keep it only for sources you trust.")
-    return resolve_model(model_args.model_name_or_path), kwargs
+    path = resolve_model(model_args.model_name_or_path)
+    if not model_args.model_type:
+        check_checkpoint(model_args.model_name_or_path, path, "model_name_or_path")
+    return path, kwargs
 
 
-def processor_path(model_args, path):
-    """Where the tokenizer or image processor loads from: tokenizer_name, else the checkpoint."""
-    return resolve_model(model_args.tokenizer_name) if model_args.tokenizer_name else path
+def processor_path(model_args, path, kind="tokenizer"):
+    """Where the tokenizer (or image processor) loads from: tokenizer_name, else the checkpoint."""
+    path = resolve_model(model_args.tokenizer_name) if model_args.tokenizer_name else path
+    check_processor_files(model_args, path, kind)
+    return path
 
 
 def load_config(model_args, path, common, **task_settings):
@@ -147,14 +171,24 @@ def load_config(model_args, path, common, **task_settings):
             logger.info(f"model_type {model_args.model_type} with config_overrides {model_args.config_overrides}")
     else:
         source = resolve_model(model_args.config_name) if model_args.config_name else path
+        if model_args.config_name:
+            check_folder(model_args.config_name, source, "config_name")
         config = AutoConfig.from_pretrained(source, **task_settings, **common)
     return apply_dropout_overrides(config, model_args)
 
 
-def load_weights(auto_class, model_args, path, config, **kwargs):
-    """The checkpoint's weights, or a new randomly initialised model of model_type (from scratch)."""
+def load_weights(auto_class, model_args, path, config, loading_info=False, **kwargs):
+    """The checkpoint's weights (and transformers' loading info when asked), or a new randomly
+    initialised model of model_type (from scratch). Only the task head may change shape."""
     if model_args.model_type:
         kwargs = {k: v for k, v in kwargs.items() if k in ("dtype", "trust_remote_code")}
         logger.info(f"training a new {model_args.model_type} model from scratch (random weights)")
-        return auto_class.from_config(config, **kwargs)
-    return auto_class.from_pretrained(path, config=config, **kwargs)
+        model = auto_class.from_config(config, **kwargs)
+        return (model, {}) if loading_info else model
+    check_architecture(model_args.model_name_or_path, config, auto_class)
+    try:
+        model, info = auto_class.from_pretrained(path, config=config, output_loading_info=True, **kwargs)
+    except RuntimeError as err:
+        refuse_mismatch(model_args.model_name_or_path, "model_name_or_path", err)
+    check_mismatched(info, model, model_args)
+    return (model, info) if loading_info else model

@@ -29,7 +29,7 @@ from hftune.data import is_stream, label_column_of, limit_splits, require_column
 from hftune.errors import HftuneError
 from hftune.launch.gpu_defaults import channels_last
 from hftune.metrics import load_metric
-from hftune.tasks.common import TaskBundle, TaskTraits, load_config, pretrained_source
+from hftune.tasks.common import TaskBundle, TaskTraits, load_config, load_weights, pretrained_source, processor_path
 from hftune.tasks.labels import SINGLE, LabelFields, check_label_config, check_label_features, detect_labels
 
 logger = logging.getLogger("hftune")
@@ -145,12 +145,12 @@ def prepare(dataset, split, data_args, processor, labels):
 def load_model(model_args, labels):
     """Pretrained backbone + a new head: one output per class or label found in the data, or one score."""
     path, common = pretrained_source(model_args)
-    processor = AutoImageProcessor.from_pretrained(path, **common)
+    processor = AutoImageProcessor.from_pretrained(processor_path(model_args, path, "image processor"), **common)
     # id2label alone sets num_labels; passing both makes transformers warn that they disagree.
     config = load_config(model_args, path, common, **labels.head())
     # float32 master weights whatever the checkpoint's dtype (transformers 5 keeps bf16 ones as bf16).
-    model = AutoModelForImageClassification.from_pretrained(
-        path, config=config, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
+    model = load_weights(
+        AutoModelForImageClassification, model_args, path, config, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
         dtype=torch.float32, **common
     )
     return channels_last(model), processor

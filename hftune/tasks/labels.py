@@ -135,7 +135,7 @@ def check_label_features(labels, model_args):
 def detect_labels(raw, label_column, do_regression=None):
     """The Labels of `raw` (its train split decides the kind), after checking every labelled split."""
     feature = raw["train"].features[label_column]
-    lists = _holds_lists(raw["train"], label_column, feature)
+    lists = _is_list_feature(feature)  # (rows mixing lists and single labels: hftune.columns.check_column_types)
     if lists and do_regression:
         raise HftuneError(f"do_regression: true, but label_column '{label_column}' holds lists of labels "
                           "(multi-label classification); drop do_regression.")
@@ -170,23 +170,6 @@ def _is_list_feature(feature):
 def _rows(dataset, column):
     """The column's values of a map-style split (None for a stream: it is checked as it is read)."""
     return None if is_stream(dataset) else list(dataset[column])
-
-
-def _holds_lists(dataset, column, feature):
-    """Whether the labels are lists; rows of lists mixed with single labels (JSON gives them a Json
-    feature) are an error naming the first odd row."""
-    if _is_list_feature(feature):
-        return True
-    if type(feature).__name__ != "Json" or is_stream(dataset):
-        return False
-    values = _rows(dataset, column)
-    kinds = [isinstance(v, list) for v in values if v is not None]
-    if any(kinds) and not all(kinds):
-        row = next(i for i, v in enumerate(values) if v is not None and not isinstance(v, list))
-        first = next(i for i, v in enumerate(values) if isinstance(v, list))
-        raise HftuneError(f"label_column '{column}' of the train split mixes lists of labels (e.g. row {first}) with "
-                          f"single labels (row {row}: {values[row]!r}); give every row a list (multi-label) or none.")
-    return any(kinds)
 
 
 def _first_bad_row(values, bad):

@@ -32,7 +32,7 @@ from hftune.compression.adapters import PEFT_METHODS
 from hftune.data import apply_batched, drop_empty_texts, limit_splits, require_columns
 from hftune.errors import HftuneError
 from hftune.tasks.common import (
-    TaskBundle, TaskTraits, TextFields, load_config, load_weights, pretrained_source, processor_path,
+    TaskBundle, TaskTraits, TextFields, check_room, load_config, load_weights, pretrained_source, processor_path,
 )
 from hftune.tasks.language_modeling import blocks_dataset, perplexity, token_stream
 
@@ -101,7 +101,7 @@ def load_model_and_tokenizer(model_args):
         model = load_weights(AutoModelForMaskedLM, model_args, path, config, dtype=torch.float32, **common)
     else:
         model, info = load_weights(AutoModelForMaskedLM, model_args, path, config, dtype=torch.float32,
-                                   output_loading_info=True, **common)
+                                   loading_info=True, **common)
         if info["missing_keys"]:  # e.g. a sentence-transformers BertModel: an encoder without its MLM head
             logger.warning(f"'{model_args.model_name_or_path}' has no masked-LM head weights: transformers added a new "
                            "one (its decoder tied to the word embeddings); its first steps train it.")
@@ -191,6 +191,7 @@ def build(model_args, data_args, raw):
     for split, dataset in raw.items():
         require_columns(dataset, split, text_column=data_args.text_column)
     model, tokenizer = load_model_and_tokenizer(model_args)
+    check_room(tokenizer, data_args.max_seq_length)
     if data_args.whole_word_masking and not tokenizer.is_fast:
         raise HftuneError(f"whole_word_masking finds words with a fast tokenizer; {type(tokenizer).__name__} "
                           "is not one: use a checkpoint with tokenizer.json.")

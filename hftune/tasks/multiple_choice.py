@@ -26,7 +26,9 @@ from transformers import AutoModelForMultipleChoice, AutoTokenizer, DataCollator
 from hftune.data import apply_batched, limit_splits, require_columns
 from hftune.errors import HftuneError
 from hftune.metrics import load_metric
-from hftune.tasks.common import TaskBundle, TaskTraits, load_config, load_weights, pretrained_source, processor_path
+from hftune.tasks.common import (
+    TaskBundle, TaskTraits, check_room, load_config, load_weights, pretrained_source, processor_path,
+)
 
 logger = logging.getLogger("hftune")
 
@@ -141,6 +143,27 @@ def choice_count(raw, data_args):
     return len(values)
 
 
+def endings_per_row(data_args):
+    """Sequences one row feeds the model (`hftune plan` sizes activations with it): the ending_columns when
+    they name several, else the train split's first row, which sets the count for every row (choice_count).
+    That row comes through the run's own loader, streamed, so a plan reads a row or two, not the data set."""
+    from dataclasses import replace
+
+    from hftune.data import load_raw_datasets
+
+    named = (data_args.ending_columns or "").split(",")
+    if len(named) > 1:
+        return len(named)
+    probe = replace(data_args, streaming=True, validation_split_percentage=0, max_eval_samples=1)
+    try:
+        raw = load_raw_datasets(probe)
+    except HftuneError as err:
+        raise HftuneError(f"{str(err).rstrip('.')} (hftune plan reads the first row to count a multiple-choice row's "
+                          "endings; name them in ending_columns: ending0,ending1,...).") from None
+    detect_columns(raw["train"].column_names, probe)
+    return choice_count(raw, probe)
+
+
 class ChoicesCollator(DataCollatorForMultipleChoice):
     """transformers' collator ([batch, endings, tokens]), which needs labels: an unlabelled split too."""
 
@@ -172,6 +195,7 @@ def build(model_args, data_args, raw):
     choices = choice_count(raw, data_args)
     path, common = pretrained_source(model_args)
     tokenizer = AutoTokenizer.from_pretrained(processor_path(model_args, path), **common)
+    check_room(tokenizer, data_args.max_seq_length, pair=True, real=2)  # some context and some ending
     tokenized = {split: apply_batched(ds, "map", encoder(tokenizer, data_args, choices, split), with_indices=True,
                                       remove_columns=ds.column_names, num_proc=data_args.preprocessing_num_workers,
                                       desc=f"tokenizing {split}")

@@ -26,7 +26,7 @@ from transformers import AutoModelForQuestionAnswering, AutoTokenizer, DataColla
 from hftune.data import limit_splits, require_columns
 from hftune.errors import HftuneError
 from hftune.metrics import load_metric
-from hftune.tasks.common import TaskBundle, TaskTraits, load_config, pretrained_source
+from hftune.tasks.common import TaskBundle, TaskTraits, load_config, load_weights, pretrained_source, processor_path
 
 
 @dataclass
@@ -98,12 +98,13 @@ def check_rows(raw, data_args):
 
 def load_model(model_args):
     path, common = pretrained_source(model_args)
-    tokenizer = AutoTokenizer.from_pretrained(path, **common)
+    tokenizer = AutoTokenizer.from_pretrained(processor_path(model_args, path), **common)
     if not tokenizer.is_fast:
         raise HftuneError(f"question-answering maps tokens to context characters with a fast tokenizer; "
                           f"{type(tokenizer).__name__} is not one: use a checkpoint with tokenizer.json.")
     config = load_config(model_args, path, common)
-    model = AutoModelForQuestionAnswering.from_pretrained(path, config=config, dtype=torch.float32, **common)
+    model = load_weights(AutoModelForQuestionAnswering, model_args, path, config,
+                         ignore_mismatched_sizes=model_args.ignore_mismatched_sizes, dtype=torch.float32, **common)
     return model, tokenizer
 
 

@@ -13,7 +13,9 @@ from hftune.compression.adapters import quantized_loading
 from hftune.columns import detect_columns
 from hftune.data import apply_batched, check_not_empty, drop_empty_texts, label_column_of, limit_splits, require_columns
 from hftune.metrics import load_metric
-from hftune.tasks.common import TaskBundle, TaskTraits, TextFields, load_config, pretrained_source
+from hftune.tasks.common import (
+    TaskBundle, TaskTraits, TextFields, check_room, load_config, load_weights, pretrained_source, processor_path,
+)
 from hftune.tasks.labels import SINGLE, LabelFields, check_label_config, check_label_features, detect_labels
 
 
@@ -41,12 +43,13 @@ def check_config(model_args, data_args, training_args):
 def load_model(model_args, labels):
     """Pretrained encoder + a new head: one output per class or label name, or one score (regression)."""
     path, common = pretrained_source(model_args)
-    tokenizer = AutoTokenizer.from_pretrained(path, **common)
+    tokenizer = AutoTokenizer.from_pretrained(processor_path(model_args, path), **common)
     head = labels.head() if labels.kind != SINGLE else dict(num_labels=len(labels.names), **labels.head())
     config = load_config(model_args, path, common, **head)
     # float32 master weights whatever the checkpoint's dtype (transformers 5 keeps bf16 ones as bf16).
-    model = AutoModelForSequenceClassification.from_pretrained(
-        path, config=config, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
+    model = load_weights(
+        AutoModelForSequenceClassification, model_args, path, config,
+        ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
         dtype=torch.float32, **quantized_loading(model_args, "text-classification"), **common
     )
     # The classification loss is a per-example mean that ignores `num_items_in_batch`; without this,
@@ -118,6 +121,7 @@ def build(model_args, data_args, raw):
         else labels.metrics()
 
     model, tokenizer = load_model(model_args, labels)
+    check_room(tokenizer, data_args.max_seq_length, pair=bool(data_args.text_pair_column))
     tokenized = tokenize_splits(limit_splits(raw, data_args), tokenizer, data_args, labels)
     return TaskBundle(
         model=model, processor=tokenizer, train_dataset=tokenized.get("train"),

@@ -21,10 +21,12 @@ import torch
 from datasets import ClassLabel
 from transformers import AutoModelForTokenClassification, AutoTokenizer, DataCollatorForTokenClassification
 
-from hftune.data import apply_batched, limit_splits, require_columns
+from hftune.data import apply_batched, is_stream, limit_splits, require_columns
 from hftune.errors import HftuneError
 from hftune.metrics import load_metric
-from hftune.tasks.common import TaskBundle, TaskTraits, TextFields, load_config, pretrained_source
+from hftune.tasks.common import (
+    TaskBundle, TaskTraits, TextFields, check_room, load_config, load_weights, pretrained_source, processor_path,
+)
 
 IGNORE = -100
 PREFIX_SPACE_MODELS = ("roberta", "gpt2", "bloom", "longformer", "bart", "deberta")  # run_ner.py's add_prefix_space
@@ -87,12 +89,12 @@ def load_model(model_args, names):
     config = load_config(model_args, path, common, num_labels=len(names), id2label=dict(enumerate(names)),
                          label2id={n: i for i, n in enumerate(names)})
     extra = {"add_prefix_space": True} if config.model_type in PREFIX_SPACE_MODELS else {}
-    tokenizer = AutoTokenizer.from_pretrained(path, **extra, **common)
+    tokenizer = AutoTokenizer.from_pretrained(processor_path(model_args, path), **extra, **common)
     if not tokenizer.is_fast:
         raise HftuneError(f"token-classification maps sub-tokens to words with a fast tokenizer; "
                           f"{type(tokenizer).__name__} is not one: use a checkpoint with tokenizer.json.")
-    model = AutoModelForTokenClassification.from_pretrained(
-        path, config=config, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes, dtype=torch.float32, **common)
+    model = load_weights(
+        AutoModelForTokenClassification, model_args, path, config, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes, dtype=torch.float32, **common)
     # BERT-style token classifiers take **kwargs but average their loss over each micro-batch's tokens and
     # ignore num_items_in_batch: Trainer would otherwise skip its division by the accumulation steps and
     # multiply by the world size under DDP (as run_ner.py's runs are). Per-micro-batch means, as run_ner.py.
@@ -137,6 +139,17 @@ def check_rows(raw, data_args):
         if not isinstance(row[data_args.text_column], list):
             raise HftuneError(f"text_column '{data_args.text_column}' holds {type(row[data_args.text_column]).__name__}"
                               ", not a list of words; token-classification needs words and tags as lists.")
+        if data_args.label_column in dataset.column_names and not is_stream(dataset):
+            check_lengths(dataset, split, data_args.text_column, data_args.label_column)
+
+
+def check_lengths(dataset, split, words, tags):
+    """Every row needs one tag per word: align_labels would read past the tags or leave words untagged."""
+    for row, (these_words, these_tags) in enumerate(zip(dataset[words], dataset[tags])):
+        if these_tags is None or len(these_words) != len(these_tags):
+            raise HftuneError(f"row {row} of the {split} split has {len(these_words)} words in '{words}' but "
+                              f"{'no' if these_tags is None else len(these_tags)} tags in '{tags}'; give every word "
+                              "one tag.")
 
 
 def seqeval_metrics(names, entity_level):
@@ -162,6 +175,7 @@ def build(model_args, data_args, raw):
     check_rows(raw, data_args)
     names = tag_names(raw, data_args.label_column)
     model, tokenizer = load_model(model_args, names)
+    check_room(tokenizer, data_args.max_seq_length)
     tokenized = tokenize_splits(limit_splits(raw, data_args), tokenizer, data_args, names)
     return TaskBundle(
         model=model, processor=tokenizer, train_dataset=tokenized.get("train"),

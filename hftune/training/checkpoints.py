@@ -1,8 +1,10 @@
 """Crash-safe checkpoints. A checkpoint-N folder counts only once its manifest
-(hftune_checkpoint.json: every file's size) is written, last and atomically, after every process
-has finished writing. A run killed mid-save leaves a folder without a valid manifest: resuming
-skips it, and rotation never deletes a sealed checkpoint for it."""
+(hftune_checkpoint.json: every file's size and SHA-256) is written, last and atomically, after every
+process has finished writing. A run killed mid-save leaves a folder without a valid manifest: resuming
+skips it, and rotation never deletes a sealed checkpoint for it. A file changed after the seal (a bad
+disk, a copy gone wrong) no longer matches its checksum: `changed_file` names it before a resume."""
 
+import hashlib
 import json
 import logging
 import os
@@ -33,16 +35,17 @@ def seal(folder, run=None):
     """Write the manifest of a fully written checkpoint (main process, after a barrier): file sizes
     and `run`, the launch that wrote it (run_record). The files are flushed to disk first, so that
     not even a power cut leaves a manifest over missing data."""
-    sizes = {}
+    sizes, digests = {}, {}
     for root, _, names in os.walk(folder):
         for name in names:
             path = os.path.join(root, name)
             if name != MANIFEST:
                 _fsync(path)
                 sizes[os.path.relpath(path, folder)] = os.path.getsize(path)
+                digests[os.path.relpath(path, folder)] = sha256(path)
     temporary = os.path.join(folder, f"{MANIFEST}.{os.getpid()}.tmp")  # one per writer, even in a misconfigured launch
     with open(temporary, "w") as handle:
-        json.dump({"files": sizes, "run": run}, handle, indent=1, sort_keys=True)
+        json.dump({"files": sizes, "sha256": digests, "run": run}, handle, indent=1, sort_keys=True)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temporary, os.path.join(folder, MANIFEST))  # atomic: the manifest is whole or absent
@@ -59,6 +62,20 @@ def is_complete(folder):
         return False
 
 
+def sha256(path):
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def changed_file(folder):
+    """The first file of a sealed checkpoint whose content no longer matches the checksum recorded
+    when it was sealed, or None (also for a manifest of an older hftune that recorded sizes only)."""
+    with open(os.path.join(folder, MANIFEST)) as handle:
+        digests = json.load(handle).get("sha256", {})
+    return next((name for name, digest in sorted(digests.items())
+                 if sha256(os.path.join(folder, name)) != digest), None)
+
+
 def checkpoints(output_dir):
     """checkpoint-N folders in output_dir, oldest step first."""
     if not os.path.isdir(output_dir):
@@ -68,17 +85,37 @@ def checkpoints(output_dir):
     return [os.path.join(output_dir, name) for _, name in sorted(found)]
 
 
+def unusable(folder):
+    """Why a checkpoint cannot be resumed from (None when it can): unsealed, or changed since its seal."""
+    try:
+        with open(os.path.join(folder, MANIFEST)) as handle:
+            sizes = json.load(handle)["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"incomplete (no valid {MANIFEST}; the run was stopped while saving it)"
+    for name, size in sorted(sizes.items()):
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path) or os.path.getsize(path) != size:
+            return f"damaged: its {name} is {'gone' if not os.path.isfile(path) else 'of another size'} since it was saved"
+    changed = changed_file(folder)
+    if changed:
+        return f"damaged: its {changed} no longer matches the checksum recorded when it was saved"
+    return None
+
+
 def complete_steps(output_dir):
-    """{step: folder} of the sealed checkpoints in output_dir."""
-    return {int(CHECKPOINT.match(os.path.basename(f)).group(1)): f for f in checkpoints(output_dir) if is_complete(f)}
+    """{step: folder} of the sealed checkpoints in output_dir whose files still match their checksums."""
+    return {int(CHECKPOINT.match(os.path.basename(f)).group(1)): f for f in checkpoints(output_dir)
+            if unusable(f) is None}
 
 
 def latest_complete(output_dir):
-    """The newest sealed checkpoint; newer unsealed ones (an interrupted save) are skipped with a warning."""
+    """The newest sealed, unchanged checkpoint; newer ones that are not (an interrupted save, a file
+    damaged since) are skipped with a warning naming them."""
     for folder in reversed(checkpoints(output_dir)):
-        if is_complete(folder):
+        why = unusable(folder)
+        if why is None:
             return folder
-        logger.warning(f"skipping {folder}: incomplete (no valid {MANIFEST}; the run was stopped while saving it)")
+        logger.warning(f"skipping {folder}: {why}")
     return None
 
 
@@ -154,8 +191,8 @@ MODEL_KEYS = ("model_name_or_path", "task", "peft", "lora_r", "lora_target_modul
 def check_compatible(checkpoint, config, run):
     """Refuse, before training, a resume whose model or parallel layout differs from the checkpoint's;
     a data-parallel world-size change works (optimizer state is whole on every process) and is logged."""
-    with open(os.path.join(checkpoint, MANIFEST)) as handle:
-        then = json.load(handle).get("run") or {}
+    manifest = os.path.join(checkpoint, MANIFEST)  # absent in a plain transformers Trainer checkpoint
+    then = (json.load(open(manifest)).get("run") or {}) if os.path.isfile(manifest) else {}
     saved = os.path.join(checkpoint, CONFIG)
     before = yaml.safe_load(open(saved)) if os.path.isfile(saved) else {}
     changed = [f"{key} {before[key]!r} -> {config.get(key)!r}" for key in MODEL_KEYS
