@@ -368,7 +368,7 @@ def recipe_for(workload, variant, folder):
         return workload.recipe
     import yaml
 
-    from hftune.config import load_recipe, recipe_path
+    from hftune.recipe_file import load_recipe, recipe_path
 
     recipe = {k: v for k, v in load_recipe(recipe_path(workload.recipe)).items() if k not in variant.drop}
     path = folder / f"{workload.recipe}-{variant.name}.yaml"

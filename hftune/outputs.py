@@ -10,7 +10,8 @@ MERGED_DIR = "merged"  # base + adapter as a plain checkpoint (merge_adapter: tr
 
 def check_output_location(out):
     """output_dir must be a folder hftune can write, checked before anything loads or is written:
-    an existing folder, or a path whose missing folders can be made (made and removed again here)."""
+    an existing folder, or a path whose nearest existing parent is a folder where files can be made.
+    (A temporary file there, never a folder: every process of a launch runs this check at once.)"""
     import os
     import tempfile
 
@@ -21,21 +22,13 @@ def check_output_location(out):
     if os.path.lexists(out) and not os.path.isdir(out):
         what = "a link to nothing" if os.path.islink(out) else "a file"
         raise HftuneError(f"output_dir '{out}' is {what}, not a folder; choose another output_dir.")
-    missing = []
     parent = os.path.abspath(out)
     while not os.path.exists(parent):
-        missing.append(parent)
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
         raise HftuneError(f"output_dir '{out}' lies under '{parent}', which is a file; choose another output_dir.")
     try:
-        for folder in reversed(missing):
-            os.mkdir(folder)
-        tempfile.TemporaryFile(dir=out).close()  # root ignores permission bits: only trying tells
+        tempfile.TemporaryFile(dir=parent).close()  # root ignores permission bits: only trying tells
     except OSError as err:
-        raise HftuneError(f"output_dir '{out}' cannot be written ({err.strerror}); choose a folder you can "
-                          "write to.") from None
-    finally:
-        for folder in missing:
-            if os.path.isdir(folder):
-                os.rmdir(folder)
+        raise HftuneError(f"output_dir '{out}' cannot be written ({err.strerror} in '{parent}'); choose a folder "
+                          "you can write to.") from None

@@ -58,8 +58,8 @@ def recipe_path(name_or_path):
     raise HftuneError(f"config file '{name_or_path}' not found; pass a YAML path or a shipped recipe: {names}.")
 
 
-def load_recipe(path, known):
-    """The recipe's mapping; `known`: the keys it may hold."""
+def load_recipe(path, known=None):
+    """The recipe's mapping; `known`: the keys it may hold (None: any, for a recipe known to be valid)."""
     problem = not_utf8("config", path)
     if problem:
         raise HftuneError(problem)
@@ -72,6 +72,6 @@ def load_recipe(path, known):
     if not isinstance(recipe, dict):
         raise HftuneError(f"{path} must be a mapping of field: value, got {type(recipe).__name__}.")
     for key in recipe:
-        if key not in known:
+        if known is not None and key not in known:
             raise HftuneError(f"unknown config key '{key}' in {path}.{closest(key, known)}")
     return recipe

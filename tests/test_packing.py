@@ -138,3 +138,29 @@ def test_unset_padding_free_pads_where_it_is_not_checked(model, engine):
         with pytest.raises(HftuneError, match=f"{key}: true cannot be used with"):
             causal_lm.check_padding_free(ModelArguments(**model), DataArguments(
                 task="causal-lm", concatenate_texts=concatenate, **{key: True}), args)
+
+
+@pytest.mark.slow
+def test_zero3_trains_the_objective_of_one_process_on_packed_blocks(tiny_llama, tweet_jsonl, tmp_path):  # noqa: F811
+    """The default blocks keep texts apart under ZeRO-3 too (the check runs on a 1-layer copy, not on
+    the partitioned model): 2 processes give the 1-process losses step by step, and run_clm.py's
+    blocks (isolate_texts: false) give other ones, so the comparison can tell the two apart."""
+    from conftest import cli_flags, launch
+
+    train, validation = tweet_jsonl
+
+    def args(out, batch, **overrides):
+        return cli_flags(dict(
+            task="causal-lm", model_name_or_path=tiny_llama, train_file=train, validation_file=validation,
+            text_column="text", output_dir=out, block_size=32, max_steps=4, per_device_train_batch_size=batch,
+            learning_rate=1e-2, warmup_steps=0, logging_steps=1, seed=0, train_sampling_strategy="sequential",
+            eval_strategy="no", save_strategy="no", do_eval="false", report_to="none", disable_tqdm="true"),
+            overrides)
+
+    result = launch("deepspeed_zero3.yaml", 2, args(tmp_path / "two", 4))
+    assert "keeping texts apart would be inexact" not in result.stdout + result.stderr
+    main(args(tmp_path / "one", 8))
+    main(args(tmp_path / "blocks", 8, isolate_texts="false"))
+    two, one, blocks = (logged_losses(tmp_path / name) for name in ("two", "one", "blocks"))
+    assert len(two) == 4 and two == pytest.approx(one, abs=1e-4)
+    assert max(abs(a - b) for a, b in zip(one, blocks)) > 1e-3

@@ -36,7 +36,6 @@ def llama_args(model, data, out, **overrides):
         per_device_eval_batch_size=5, learning_rate=1e-2, warmup_steps=0, logging_steps=1, seed=0,
         train_sampling_strategy="sequential", eval_strategy="no", save_strategy="no", do_eval="false",
         report_to="none", disable_tqdm="true",
-        isolate_texts="false",  # the pipeline engine's blocks: the one-process references must train on the same
     )
     return cli_flags(settings, overrides)
 
@@ -159,14 +158,14 @@ def test_bert_classifier_two_stages(tiny_bert, tweets_csv, tmp_path):
         assert pipe[key] == pytest.approx(one[key], abs=1e-4), key
 
 
-def run_layers(model, inputs):
+def run_layers(model, inputs, packed=False):
     """The pipeline layers of `model` applied in order on one process, as the stages apply them."""
     from deepspeed.pipe import TiedLayerSpec
 
     from hftune.engines.pipeline import FAMILIES
 
     tied, x = {}, inputs
-    for layer in FAMILIES[type(model).__name__].layers(model):
+    for layer in FAMILIES[type(model).__name__].layers(model, packed):
         if isinstance(layer, TiedLayerSpec):
             module = tied.setdefault(layer.key, layer.build())
             x = module(x) if layer.forward_fn is None else layer.forward_fn(module, x)
@@ -196,13 +195,30 @@ def test_layers_reproduce_the_model(name):
         mask[1, 8:] = 0
     else:  # left padding: a decoder's causal mask alone would already hide right padding
         mask[1, :4] = 0
-    inputs = (ids, mask, torch.zeros_like(ids)) if name == "bert" else (ids, mask)
+    positions = torch.arange(12).expand_as(ids)
+    inputs = (ids, mask, torch.zeros_like(ids)) if name == "bert" else (ids, mask, positions)
     with torch.no_grad():
         expected = model(input_ids=ids, attention_mask=mask).logits
         got = run_layers(model, inputs)
     if name != "bert":  # padded positions' logits are never scored
         expected, got = expected[mask.bool()], got[mask.bool()]
     assert torch.allclose(got, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_layers_keep_packed_texts_apart_as_the_model_does(name):
+    """Blocks whose position ids restart with every text (isolate_texts): the stages pass the positions
+    on, and each text gets the logits the model gives it alone, as Trainer's one-process run does."""
+    torch.manual_seed(0)
+    model = MODELS[name]().eval()
+    ids = torch.randint(3, 300, (2, 12))
+    positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6], [0, 1, 2, 0, 1, 2, 3, 4, 5, 6, 7, 8]])
+    with torch.no_grad():
+        expected = model(input_ids=ids, position_ids=positions, use_cache=False).logits  # (a cache: no packing)
+        got = run_layers(model, (ids, torch.ones_like(ids), positions), packed=True)
+        alone = model(input_ids=ids[:1, 5:]).logits  # the first row's second text on its own
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert torch.allclose(got[0, 5:], alone[0], atol=1e-5)
 
 
 @pytest.fixture

@@ -79,7 +79,7 @@ class Head(nn.Module):
 
 
 class FinalNorm(nn.Module):
-    """(hidden, mask) -> hidden: the mask is not needed past the last block."""
+    """(hidden, mask, positions) -> hidden: neither is needed past the last block."""
 
     def __init__(self, norm):
         super().__init__()
@@ -89,25 +89,27 @@ class FinalNorm(nn.Module):
         return self.norm(inputs[0])
 
 
-def _positions(hidden):
-    return torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+def causal_mask(config, hidden, mask, positions, packed):
+    """The 4-D causal mask of one block, rebuilt on each stage as the model's forward builds it once.
+    Packed blocks (isolate_texts) carry no padding: without a 2-D mask, transformers' masking_utils
+    finds where texts start from their position ids and keeps each to itself, as in one process."""
+    return create_causal_mask(config=config, inputs_embeds=hidden, attention_mask=None if packed else mask,
+                              past_key_values=None, position_ids=positions)
 
 
 class LlamaBlock(nn.Module):
-    """A decoder layer; the causal mask and rotary embeddings are rebuilt from the 2-D mask on each
-    stage, as LlamaModel.forward builds them once."""
+    """A decoder layer: (hidden, mask, positions) -> the same, its rotary embeddings from the positions."""
 
-    def __init__(self, layer, rotary, config):
+    def __init__(self, layer, rotary, config, packed):
         super().__init__()
-        self.layer, self.rotary, self.config = layer, rotary, config
+        self.layer, self.rotary, self.config, self.packed = layer, rotary, config, packed
 
     def forward(self, inputs):
-        hidden, mask = inputs
-        positions = _positions(hidden)
-        causal = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=mask,
-                                    past_key_values=None, position_ids=positions)
+        hidden, mask, positions = inputs
+        causal = causal_mask(self.config, hidden, mask, positions, self.packed)
         rotary = self.rotary(hidden, position_ids=positions)
-        return self.layer(hidden, attention_mask=causal, position_ids=positions, position_embeddings=rotary), mask
+        hidden = self.layer(hidden, attention_mask=causal, position_ids=positions, position_embeddings=rotary)
+        return hidden, mask, positions
 
 
 class GPT2Positions(nn.Module):
@@ -118,21 +120,19 @@ class GPT2Positions(nn.Module):
         self.wpe, self.drop = wpe, drop
 
     def forward(self, inputs):
-        hidden, mask = inputs
-        return self.drop(hidden + self.wpe(_positions(hidden))), mask
+        hidden, mask, positions = inputs
+        return self.drop(hidden + self.wpe(positions)), mask, positions
 
 
 class GPT2Block(nn.Module):
-    def __init__(self, block, config):
+    def __init__(self, block, config, packed):
         super().__init__()
-        self.block, self.config = block, config
+        self.block, self.config, self.packed = block, config, packed
 
     def forward(self, inputs):
-        hidden, mask = inputs
-        positions = _positions(hidden)
-        causal = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=mask,
-                                    past_key_values=None, position_ids=positions)
-        return self.block(hidden, None, causal, use_cache=False, position_ids=positions), mask
+        hidden, mask, positions = inputs
+        causal = causal_mask(self.config, hidden, mask, positions, self.packed)
+        return self.block(hidden, None, causal, use_cache=False, position_ids=positions), mask, positions
 
 
 class BertEmbed(nn.Module):
@@ -182,39 +182,44 @@ def _decoder(model, blocks, norm, extra=()):
     return [first, *extra, *blocks, FinalNorm(norm), last]
 
 
-def llama_layers(model):
+def llama_layers(model, packed):
     base = model.model
-    return _decoder(model, [LlamaBlock(layer, base.rotary_emb, model.config) for layer in base.layers], base.norm)
+    blocks = [LlamaBlock(layer, base.rotary_emb, model.config, packed) for layer in base.layers]
+    return _decoder(model, blocks, base.norm)
 
 
-def gpt2_layers(model):
+def gpt2_layers(model, packed):
     base = model.transformer
-    blocks = [GPT2Block(block, model.config) for block in base.h]
+    blocks = [GPT2Block(block, model.config, packed) for block in base.h]
     return _decoder(model, blocks, base.ln_f, extra=[GPT2Positions(base.wpe, base.drop)])
 
 
-def bert_classifier_layers(model):
+def bert_classifier_layers(model, packed=False):
     base = model.bert
     return [BertEmbed(base.embeddings), *(BertBlock(layer, model.config) for layer in base.encoder.layer),
             BertClassifierHead(base.pooler, model.dropout, model.classifier)]
 
 
-def causal_lm_loss(model):
-    return lambda logits, labels: ForCausalLMLoss(logits, labels, vocab_size=model.config.vocab_size)
+def causal_lm_loss(model, items):
+    """Token-weighted as Trainer's: `items()` is the step's token count over its micro-batches and
+    replicas, scaled so that DeepSpeed's division by both gives sum / tokens (None: the batch's mean,
+    as in evaluation)."""
+    return lambda logits, labels: ForCausalLMLoss(logits, labels, vocab_size=model.config.vocab_size,
+                                                  num_items_in_batch=items())
 
 
-def classifier_loss(model):
+def classifier_loss(model, items):
     return lambda logits, labels: ForSequenceClassificationLoss(labels, logits, model.config)
 
 
 @dataclass(frozen=True)
 class Family:
-    layers: Callable  # model -> pipeline layers
-    loss: Callable  # model -> loss_fn(outputs, labels)
+    layers: Callable  # (model, packed) -> pipeline layers; packed: blocks whose position ids restart per text
+    loss: Callable  # (model, items) -> loss_fn(outputs, labels); items() -> the step's token count or None
     inputs: tuple  # batch keys fed to the first stage, in order
 
 
-DECODER_INPUTS = ("input_ids", "attention_mask")
+DECODER_INPUTS = ("input_ids", "attention_mask", "position_ids")
 FAMILIES = {
     "LlamaForCausalLM": Family(llama_layers, causal_lm_loss, DECODER_INPUTS),
     "GPT2LMHeadModel": Family(gpt2_layers, causal_lm_loss, DECODER_INPUTS),
@@ -301,7 +306,9 @@ class PipelineEngine(LoopEngine):
             raise HftuneError("engine: pipeline samples each replica's rows from a loaded data set; drop streaming.")
         self.bundle, self.args, self.model = bundle, args, bundle.model
         self.family = family_of(self.model)
-        layers = self.family.layers(self.model)
+        packed = any(data is not None and "position_ids" in data.column_names
+                     for data in (bundle.train_dataset, bundle.eval_dataset))
+        layers = self.family.layers(self.model, packed)
         config = copy.deepcopy(deepspeed_config(args) or {})  # hftune.launch.checks refused a launch without one
         stages = pipeline_stages(args, config)
         check_stages(stages, args.world_size, len(layers))
@@ -310,7 +317,9 @@ class PipelineEngine(LoopEngine):
         from deepspeed.pipe import PipelineModule
 
         partition = config.get("pipeline", {}).get("partition", "parameters")
-        self.module = PipelineModule(layers, num_stages=stages, loss_fn=self.family.loss(self.model),
+        self._items = None  # the token count a training step's loss is divided by (set per step)
+        loss = self.family.loss(self.model, lambda: self._items)
+        self.module = PipelineModule(layers, num_stages=stages, loss_fn=loss,
                                      partition_method=partition, dynamic_shape=True)
         parts = self.module.parts
         if any(start == stop for start, stop in zip(parts, parts[1:])):
@@ -355,7 +364,8 @@ class PipelineEngine(LoopEngine):
     def _to_pipe(self, batch):
         """A collated batch as DeepSpeed's ((first stage's inputs), labels)."""
         ids = batch["input_ids"]
-        defaults = {"attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+        defaults = {"attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids),
+                    "position_ids": torch.arange(ids.shape[1]).expand_as(ids)}
         inputs = tuple(batch[k] if batch.get(k) is not None else defaults[k] for k in self.family.inputs)
         return inputs, batch["labels"]
 
@@ -428,7 +438,28 @@ class PipelineEngine(LoopEngine):
 
     def _update(self, batches):
         self._learning_rate = self.engine.get_lr()[0]  # the rate this step uses (DeepSpeed steps the schedule)
-        self._tr_loss += self.engine.train_batch(batches).item()  # mean over micro-batches and replicas
+        if batches is not None:  # the first and last stages: the step's micro-batches, counted first
+            micro_batches = [next(batches) for _ in range(self.args.gradient_accumulation_steps)]
+            self._items = self._step_items(micro_batches) if self.family.loss is causal_lm_loss else None
+            batches = iter(micro_batches)
+        try:
+            self._tr_loss += self.engine.train_batch(batches).item()  # mean over micro-batches and replicas
+        finally:
+            self._items = None
+        self._grad_norm = self.engine.get_global_grad_norm()
+        self._guard(self._grad_norm)
+
+    def _step_items(self, micro_batches):
+        """As Trainer's num_items_in_batch: the labelled tokens (after the causal shift) of the step's
+        micro-batches, summed over the data-parallel replicas; divided by the micro-batches and replicas
+        DeepSpeed averages over. Blocks whose texts are kept apart, and chat rows, differ in labelled
+        tokens from one micro-batch to the next: a per-micro-batch mean would weight their tokens unequally."""
+        import torch.distributed as dist
+
+        count = sum((labels[..., 1:] != -100).sum() for _, labels in micro_batches).to(torch.float64)
+        if self.data_parallel > 1:
+            dist.all_reduce(count, group=self.grid.get_data_parallel_group())
+        return count / (self.args.gradient_accumulation_steps * self.data_parallel)
         self._grad_norm = self.engine.get_global_grad_norm()
         self._guard(self._grad_norm)
 

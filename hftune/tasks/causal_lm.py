@@ -20,6 +20,7 @@ Example:
     >>> main(["--config", "causal_lm", "--max_steps", "2", "--output_dir", "/tmp/clm"])  # doctest: +SKIP
 """
 
+import copy
 import logging
 import math
 from dataclasses import dataclass, field
@@ -32,7 +33,6 @@ from datasets import Dataset
 from transformers import (
     AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, DataCollatorWithFlattening, default_data_collator,
 )
-from transformers.integrations import is_deepspeed_zero3_enabled
 
 from hftune.compression.adapters import PEFT_METHODS, quantized_loading
 from hftune.columns import detect_columns
@@ -229,12 +229,14 @@ def apart_key(data_args):
     return "isolate_texts" if data_args.concatenate_texts else "padding_free"
 
 
-def padding_free_blockers(model_args, args):
-    """{what: blocked}: settings under which examples cannot be kept apart by position ids."""
+def padding_free_blockers(model_args, args, key="padding_free"):
+    """{what: blocked}: settings under which examples cannot be kept apart by position ids. The pipeline
+    engine passes packed blocks' position ids through its stages, but not rows flattened into one."""
     return {
         f"peft: {model_args.peft} (its virtual tokens break the packed row's position ids)":
             model_args.peft in PEFT_METHODS and not PEFT_METHODS[model_args.peft].wraps_modules,
-        "engine: pipeline (it builds its own attention mask over the whole row)": args.engine == "pipeline",
+        "engine: pipeline (it builds its own attention mask over the flattened row)":
+            args.engine == "pipeline" and key != "isolate_texts",
         "a teacher_model_name_or_path (the teacher's attention is not checked)":
             bool(model_args.teacher_model_name_or_path),
     }
@@ -248,7 +250,7 @@ def check_padding_free(model_args, data_args, args):
     if getattr(data_args, other) is not None:
         mode = "false (single texts)" if other == "padding_free" else "true (packed blocks)"
         raise HftuneError(f"{other} applies to concatenate_texts: {mode}; drop {other} or change concatenate_texts.")
-    turn_off_where_blocked(data_args, key, padding_free_blockers(model_args, args))
+    turn_off_where_blocked(data_args, key, padding_free_blockers(model_args, args, key))
 
 
 def turn_off_where_blocked(data_args, key, blockers):
@@ -268,26 +270,35 @@ def packing_leak(model, collator):
     """None when the model keeps flattened texts apart (the second of two packed texts gets the
     logits it gets alone), else what goes wrong. Only the model's code can tell: masking_utils
     isolates texts by their position ids, models with a mask of their own do not."""
-    if is_deepspeed_zero3_enabled():  # partitioned weights: no forward outside the DeepSpeed engine
-        return "ZeRO-3 partitions the model before hftune can check that packed texts stay apart"
-    vocab = model.get_input_embeddings().num_embeddings
-    first, second = [i % vocab for i in range(1, 6)], [i % vocab for i in range(6, 9)]
-    packed = {k: v.to(model.device) if torch.is_tensor(v) else v
-              for k, v in collator([{"input_ids": first}, {"input_ids": second}]).items() if k != "labels"}
-    training = model.training
-    model.eval()  # no dropout
+    model = one_layer_copy(model)
+    first, second = list(range(1, 6)), list(range(6, 9))
+    packed = {k: v for k, v in collator([{"input_ids": first}, {"input_ids": second}]).items() if k != "labels"}
     try:
         with torch.no_grad():
             together = model(**packed).logits[0, len(first):]
-            alone = model(input_ids=torch.tensor([second], device=model.device), use_cache=False).logits[0]
+            alone = model(input_ids=torch.tensor([second]), use_cache=False).logits[0]
     except (TypeError, ValueError, RuntimeError) as err:
         return f"its forward fails on a flattened batch ({type(err).__name__}: {str(err).splitlines()[0]})"
-    finally:
-        model.train(training)
     error = (together - alone).abs().max().item()
     if error > 1e-4 * max(1.0, alone.abs().max().item()):  # float32 round-off is ~1e-7; a leak, >1e-3
         return f"its attention lets packed texts see each other (logits off by {error:.2g})"
     return None
+
+
+def one_layer_copy(model, vocab=64):
+    """A 1-layer, randomly initialised model of the same class and attention code, on the CPU: its
+    mask behaves as the model's (the code decides it, not the weights), and it is built without
+    the real weights, so the check also runs where ZeRO-3 partitions them, and costs little for a
+    large model. The global RNG is left as it was (the real run's initialisation and data order)."""
+    config = copy.deepcopy(model.config)
+    config.num_hidden_layers, config.vocab_size = 1, vocab
+    if getattr(config, "layer_types", None):
+        config.layer_types = config.layer_types[:1]
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        if isinstance(getattr(config, name, None), int) and getattr(config, name) >= vocab:
+            setattr(config, name, 0)
+    with torch.random.fork_rng(devices=[]):
+        return type(model)(config).float().eval()
 
 
 def keep_texts_apart(data_args, model, key=None):
