@@ -127,11 +127,18 @@ def test_bad_combinations_are_refused(capsys, tmp_path, tiny_llama, tweet_jsonl,
     assert message in fail(capsys, argv)
 
 
-@pytest.mark.parametrize("model, engine", [(dict(teacher_model_name_or_path="teacher"), "trainer"),
-                                           (dict(), "pipeline")], ids=["teacher", "pipeline"])
-def test_unset_padding_free_pads_where_it_is_not_checked(model, engine):
+@pytest.mark.parametrize("model, engine, keys", [
+    (dict(teacher_model_name_or_path="teacher"), "trainer", ("padding_free", "isolate_texts")),
+    (dict(), "pipeline", ("padding_free",))],  # the pipeline's stages pass packed blocks' position ids on
+    ids=["teacher", "pipeline"])
+def test_unset_padding_free_pads_where_it_is_not_checked(model, engine, keys):
     args = SimpleNamespace(engine=engine)  # a real pipeline config also needs a DeepSpeed launch
     for key, concatenate in (("padding_free", False), ("isolate_texts", True)):
+        if key not in keys:
+            data_args = DataArguments(task="causal-lm", concatenate_texts=concatenate)
+            causal_lm.check_padding_free(ModelArguments(**model), data_args, args)
+            assert getattr(data_args, key) is None  # left to the model check
+            continue
         data_args = DataArguments(task="causal-lm", concatenate_texts=concatenate)
         causal_lm.check_padding_free(ModelArguments(**model), data_args, args)
         assert getattr(data_args, key) is False
