@@ -29,7 +29,7 @@ from hftune.engines import build_engine
 from hftune.errors import HftuneError
 from hftune.launch.gpu_defaults import log_bf16_default, warn_slow_cpu_bf16
 from hftune.launch.network import lost_peer_line, pin_socket_interface
-from hftune.launch.nodes import check_output_layout
+from hftune.launch.nodes import check_output_layout, preprocess_once
 from hftune.launch.threads import use_all_cores
 from hftune.results.hub import push_results
 from hftune.launch.checks import check_same_config, check_world_size
@@ -116,13 +116,16 @@ def setup(model_args, data_args, training_args):
         check_compatible(checkpoint, resolved_config(model_args, data_args, training_args), run_record(training_args))
     check_output_dir(training_args, checkpoint)
     set_seed(training_args.seed)  # before the model is built: a new head's init depends on it
-    with training_args.main_process_first(desc="loading data"):
+    # The run's main process first where the nodes share the datasets cache, else each node's.
+    once = preprocess_once(training_args, model_args.cache_dir)
+    with training_args.main_process_first(local=not once, desc="loading data"):
         raw = load_raw_datasets(data_args, training_args.seed, model_args.cache_dir,
                                 keep_test="test" in wanted_splits(training_args))
     check_splits(training_args, raw)
     # ZeRO-3 partitions the model while it loads: a collective step every process must join at once.
     together = is_deepspeed_zero3_enabled()
-    with nullcontext() if together else training_args.main_process_first(desc="loading model, preprocessing"):
+    with nullcontext() if together else training_args.main_process_first(local=not once,
+                                                                          desc="loading model, preprocessing"):
         try:
             bundle = task.build(model_args, data_args, raw)
         except OSError as err:  # what from_pretrained raises for a missing folder or Hub id

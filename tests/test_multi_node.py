@@ -103,16 +103,20 @@ def launch_nodes(hosts, args, *, config="multi_node.yaml", script=RANK_PROBE, pr
 
 def test_two_nodes_shard_the_data_and_equal_one_process(two_hosts, tiny_bert, tmp_path):
     """DDP across the two hosts: each rank sees world size 2 and its own half of every batch; the losses
-    and weights equal one process with the same global batch; the shared output_dir is written once."""
+    and weights equal one process with the same global batch; the shared output_dir is written once, and
+    the data set is prepared once into the datasets cache both nodes share (the other node reads it)."""
     import json
 
     from test_sft import trained_weights
 
     train = write_jsonl(tmp_path / "train.jsonl", rows(24))
     sgd = dict(optim="sgd", learning_rate=0.5)
+    shared_cache = {"HF_DATASETS_CACHE": str(tmp_path / "datasets-cache")}
     results = launch_nodes(two_hosts, qa_args(tiny_bert, train, tmp_path / "two", per_device_train_batch_size=4,
-                                              **sgd), probe_dir=tmp_path / "probe")
+                                              **sgd), probe_dir=tmp_path / "probe", node_env=(shared_cache,) * 2)
     assert all("sockets on veth" in output for _, output, _ in results)  # each node found its interface
+    assert "shared by every node; the run's main process prepares the data" in results[0][1]
+    assert [("Generating train split" in output) for _, output, _ in results] == [True, False]
     probes = {int(p.stem[4:]): json.loads(p.read_text()) for p in (tmp_path / "probe").glob("rank*.json")}
     assert sorted(probes) == [0, 1] and all(probes[r]["world_size"] == 2 for r in (0, 1))
     shards = [set(probes[r]["rows"]) for r in (0, 1)]
@@ -183,8 +187,11 @@ def test_one_output_dir_per_node_resumes_from_the_step_every_node_holds(two_host
         assert code != 0 and "is not shared by the 2 nodes (each sees only its own files): set save_on_each_node" \
             in output, output[-3000:]
     run += ["--save_on_each_node=true"]
-    launch_nodes(two_hosts, run, script="tests/kill_probe.py", node_args=own_dirs, check=False,
-                 node_env=({}, {"HFTUNE_KILL_AT": "step:11"}))
+    own_caches = tuple({"HF_DATASETS_CACHE": str(tmp_path / f"cache{rank}")} for rank in (0, 1))
+    killed = launch_nodes(two_hosts, run, script="tests/kill_probe.py", node_args=own_dirs, check=False,
+                          node_env=(own_caches[0], {**own_caches[1], "HFTUNE_KILL_AT": "step:11"}))
+    assert "one per node; each node's main process prepares its own" in killed[0][1]
+    assert all("Generating train split" in output for _, output, _ in killed)  # each node its own cache
     for node in ("node0", "node1"):  # every node holds a whole checkpoint, model included
         assert (tmp_path / node / "checkpoint-8" / "model.safetensors").is_file()
     files.rmtree(tmp_path / "node1" / "checkpoint-8")

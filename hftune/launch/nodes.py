@@ -13,10 +13,13 @@ Example:
 """
 
 import glob
+import logging
 import os
 import secrets
 
 from hftune.errors import HftuneError
+
+logger = logging.getLogger("hftune")
 
 
 def machines(args):
@@ -24,33 +27,57 @@ def machines(args):
     return max(1, args.world_size // max(local, 1))
 
 
-def check_output_layout(args):
-    """Every process together: refuse an output_dir layout the run cannot save and resume with."""
-    if machines(args) == 1:
-        return
+def shared_by_all_nodes(folder, args):
+    """Every process together: whether `folder` is one folder all nodes see (a shared disk), found by
+    each node's main process leaving a marker there and counting the others' (removed again)."""
     import torch.distributed as dist
 
     token = [secrets.token_hex(4)]
     dist.broadcast_object_list(token)  # one name for this run's markers on every node
-    marker = os.path.join(args.output_dir, f".hftune-node-{token[0]}-{os.environ.get('GROUP_RANK', 0)}")
+    marker = os.path.join(folder, f".hftune-node-{token[0]}-{os.environ.get('GROUP_RANK', 0)}")
     if args.local_process_index == 0:
-        os.makedirs(args.output_dir, exist_ok=True)
+        os.makedirs(folder, exist_ok=True)
         open(marker, "w").close()
     dist.barrier()
-    seen = len(glob.glob(os.path.join(args.output_dir, f".hftune-node-{token[0]}-*")))
+    seen = len(glob.glob(os.path.join(folder, f".hftune-node-{token[0]}-*")))
     dist.barrier()
     if args.local_process_index == 0:
         os.remove(marker)
     shared = [None] * args.world_size
     dist.all_gather_object(shared, seen == machines(args))
-    if all(shared) and args.save_on_each_node:
+    return all(shared)
+
+
+def preprocess_once(args, cache_dir=None):
+    """Whether one process of the whole run should load and preprocess the data first (the others then
+    read its cache): on one machine, or where every node shares the datasets cache. With a cache per
+    node, each node's main process prepares its own (Trainer's main_process_first(local=True))."""
+    if machines(args) == 1:
+        return True
+    import datasets
+
+    folder = cache_dir or datasets.config.HF_DATASETS_CACHE
+    shared = shared_by_all_nodes(folder, args)
+    if args.process_index == 0:
+        logger.info(f"data cache {folder}: " + ("shared by every node; the run's main process prepares the data, "
+                                                "the others read it" if shared else
+                                                "one per node; each node's main process prepares its own"))
+    return shared
+
+
+def check_output_layout(args):
+    """Every process together: refuse an output_dir layout the run cannot save and resume with."""
+    if machines(args) == 1:
+        return
+    shared = shared_by_all_nodes(args.output_dir, args)
+    if shared and args.save_on_each_node:
         raise HftuneError(f"output_dir '{args.output_dir}' is one folder all {machines(args)} nodes share, and "
                           "save_on_each_node: true would have every node write the same files; drop save_on_each_node.")
-    if not all(shared) and args.engine != "trainer":
+    if not shared and args.engine != "trainer":
         raise HftuneError(f"output_dir '{args.output_dir}' is not shared by the {machines(args)} nodes; saving on "
                           f"each node runs on engine: trainer only (save_on_each_node), not {args.engine}: use "
                           "engine: trainer, or a disk the nodes share.")
-    if not all(shared) and not args.save_on_each_node:
+    if not shared and not args.save_on_each_node:
         raise HftuneError(f"output_dir '{args.output_dir}' is not shared by the {machines(args)} nodes (each sees "
                           "only its own files): set save_on_each_node: true so that every node keeps the "
                           "checkpoints it resumes from, or put output_dir on a disk they share.")
