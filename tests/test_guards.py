@@ -20,7 +20,7 @@ class InjectNaN(TrainerCallback):
         self.bad_steps, self.layer, self.active, self.hooked, self.weights = set(bad_steps), layer, False, False, {}
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
-        classifier = getattr(getattr(model, "module", model), self.layer)
+        classifier = getattr(model, "module", model).get_submodule(self.layer)
         if not self.hooked:
             classifier.register_forward_hook(lambda module, inputs, out: out * float("nan") if self.active else out)
             self.hooked = True
@@ -28,7 +28,8 @@ class InjectNaN(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         self.active = False
-        self.weights[state.global_step] = getattr(getattr(model, "module", model), self.layer).weight.detach().clone()
+        self.weights[state.global_step] = \
+            getattr(model, "module", model).get_submodule(self.layer).weight.detach().clone()
 
 
 @pytest.mark.parametrize("engine", [pytest.param("trainer", marks=pytest.mark.slow), "accelerate"])

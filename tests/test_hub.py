@@ -18,6 +18,7 @@ import pytest
 
 from conftest import fail, strategy_args, write_tweet_split
 from hub_server import FakeHub
+from test_question_answering import rows as qa_rows
 from test_sft import color_rows, write_jsonl
 
 TOKEN = "hf_FAKE" + secrets.token_hex(16)  # random: a hit in a file can only come from this run
@@ -37,6 +38,9 @@ RUNS = {
     # sft on the tiny chat Llama (model and data set in `runs`)
     "chat": (dict(hub_model_id="user/tiny-chat", hub_strategy="end", label_column=None, max_seq_length=None,
                   max_new_tokens=2, do_eval="true"), {}),
+    # extractive QA on the tiny BERT (data set in `runs`): the span head and the card's answer() usage
+    "qa": (dict(hub_model_id="user/tiny-qa", hub_strategy="end", task="question-answering", label_column=None,
+                doc_stride=16, do_eval="true"), {}),
 }
 TEXTS = ["I love this so much", "worst day ever, nothing works", "the meeting is at 3pm", "meh"]
 
@@ -63,11 +67,13 @@ def runs(hub, tiny_bert, tiny_chat_llama, tweets, tmp_path_factory):
     train, validation = write_tweet_split(tweets, root, rows=160, train_rows=128)
     chat = [write_jsonl(root / f"chat-{split}.jsonl", color_rows(n, seed)) for split, n, seed in (("train", 32, 0),
                                                                                                  ("validation", 8, 1))]
+    qa = [write_jsonl(root / f"qa-{split}.jsonl", qa_rows(n, seed)) for split, n, seed in (("train", 24, 0),
+                                                                                            ("validation", 8, 1))]
     started = {}
     for name, (flags, env_changes) in RUNS.items():
         out = root / name
         settings = {"max_steps": 6, "learning_rate": 1e-3, **flags}
-        model, data = (tiny_chat_llama, chat) if name == "chat" else (tiny_bert, (train, validation))
+        model, data = {"chat": (tiny_chat_llama, chat), "qa": (tiny_bert, qa)}.get(name, (tiny_bert, (train, validation)))
         args = strategy_args(model, out, *data, push_to_hub="true", **settings)
         started[name] = (subprocess.Popen(
             [sys.executable, "-m", "hftune", *args], env=client_env(hub, root / f"home-{name}", **env_changes),
@@ -202,6 +208,20 @@ def test_an_sft_model_is_pushed_with_its_template_stop_tokens_and_card(hub, runs
     assert json.loads(pushed["generation_config.json"])["eos_token_id"] is not None
     card = pushed["README.md"].decode()
     assert "Task: **sft**" in card and "exact_match" in card and '"role": "user"' in card
+
+
+@pytest.mark.slow
+def test_a_question_answering_model_is_pushed_with_its_card(hub, runs):
+    """The span model as saved (its qa_outputs head included) and a card that says how to load it: transformers
+    5 has no question-answering pipeline, so the card shows hftune's answer() instead."""
+    out = runs["qa"][1]
+    pushed = hub.files("user/tiny-qa")
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "README.md"):
+        assert pushed[name] == (out / name).read_bytes(), name
+    assert json.loads(pushed["config.json"])["architectures"] == ["BertForQuestionAnswering"]
+    card = pushed["README.md"].decode()
+    assert "pipeline_tag: question-answering" in card and "| validation | f1 |" in card
+    assert 'answer("user/tiny-qa", question=' in card  # the usage names the pushed repo
 
 
 def assert_fails_after_training(stdout, stderr, out, words):
