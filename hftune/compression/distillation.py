@@ -37,7 +37,7 @@ from hftune.assets import resolve_model
 from hftune.errors import HftuneError
 from hftune.launch.checks import uses_fsdp
 from hftune.tasks import traits
-from hftune.tasks.loading import check_checkpoint, refuse_mismatch
+from hftune.tasks.loading import building, check_architecture, check_checkpoint
 
 logger = logging.getLogger("hftune")
 DEFAULT_ALPHA, DEFAULT_TEMPERATURE = 0.5, 2.0
@@ -194,16 +194,15 @@ def load_teacher(model_args, task, student, processor):
     path = resolve_model(name)
     common = dict(cache_dir=model_args.cache_dir, trust_remote_code=model_args.trust_remote_code)
     auto_class = getattr(transformers, traits(task).auto_model)
-    check_checkpoint(name, path, "teacher_model_name_or_path")
+    role = "teacher_model_name_or_path"
+    check_checkpoint(name, path, role)
     try:
-        teacher = auto_class.from_pretrained(path, dtype=torch.float32, **common)
-    except RuntimeError as err:  # its config and its weights disagree
-        refuse_mismatch(name, "teacher_model_name_or_path", err)
+        with building(name, role):
+            config = transformers.AutoConfig.from_pretrained(path, **common)
+            check_architecture(name, config, auto_class, role)  # e.g. an image model for a text task
+            teacher = auto_class.from_pretrained(path, config=config, dtype=torch.float32, **common)
     except OSError as err:  # a missing folder or Hub id
-        raise HftuneError(f"could not load teacher_model_name_or_path '{name}': {str(err).splitlines()[0]}") from None
-    except ValueError as err:  # a checkpoint of another kind (e.g. an image model for a text task)
-        raise HftuneError(f"teacher_model_name_or_path '{name}' cannot be loaded as {auto_class.__name__} for "
-                          f"task {task}: {str(err).splitlines()[0]}") from None
+        raise HftuneError(f"could not load {role} '{name}': {str(err).splitlines()[0]}") from None
     if traits(task).output == "tokens":
         check_vocabulary(name, teacher, student, teacher_tokenizer(path, common), processor)
     else:

@@ -8,7 +8,7 @@ from typing import Any, Callable
 from hftune.assets import resolve_model
 from hftune.errors import HftuneError, closest
 from hftune.tasks.loading import (
-    check_architecture, check_checkpoint, check_folder, check_mismatched, check_processor_files, refuse_mismatch,
+    building, check_architecture, check_checkpoint, check_folder, check_mismatched, check_processor_files,
 )
 
 logger = logging.getLogger("hftune")
@@ -173,7 +173,9 @@ def load_config(model_args, path, common, **task_settings):
         source = resolve_model(model_args.config_name) if model_args.config_name else path
         if model_args.config_name:
             check_folder(model_args.config_name, source, "config_name")
-        config = AutoConfig.from_pretrained(source, **task_settings, **common)
+        with building(model_args.config_name or model_args.model_name_or_path,
+                      "config_name" if model_args.config_name else "model_name_or_path"):
+            config = AutoConfig.from_pretrained(source, **task_settings, **common)
     return apply_dropout_overrides(config, model_args)
 
 
@@ -186,9 +188,7 @@ def load_weights(auto_class, model_args, path, config, loading_info=False, **kwa
         model = auto_class.from_config(config, **kwargs)
         return (model, {}) if loading_info else model
     check_architecture(model_args.model_name_or_path, config, auto_class)
-    try:
+    with building(model_args.model_name_or_path):
         model, info = auto_class.from_pretrained(path, config=config, output_loading_info=True, **kwargs)
-    except RuntimeError as err:
-        refuse_mismatch(model_args.model_name_or_path, "model_name_or_path", err)
     check_mismatched(info, model, model_args)
     return (model, info) if loading_info else model

@@ -13,6 +13,8 @@ Example:
 
 import os
 
+from huggingface_hub.errors import StrictDataclassError
+
 from hftune.assets import resolve_model
 from hftune.errors import HftuneError
 from hftune.tasks import TASKS, traits
@@ -36,8 +38,8 @@ def checkpoint_config(model_args):
         return AutoConfig.from_pretrained(
             resolve_model(model_args.model_name_or_path), revision=model_args.model_revision,
             cache_dir=model_args.cache_dir, trust_remote_code=model_args.trust_remote_code)
-    except (OSError, ValueError, HftuneError):
-        return None
+    except (OSError, ValueError, TypeError, HftuneError, StrictDataclassError):
+        return None  # an unreadable config: loading the model names the problem
 
 
 def checkpoint_kind(config):
@@ -47,7 +49,7 @@ def checkpoint_kind(config):
         MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES,
     )
 
-    architectures = config.architectures or []
+    architectures = config.architectures if isinstance(config.architectures, list) else []  # (checked on loading)
     source = f"the checkpoint's architecture {', '.join(architectures)}" if architectures else \
         f"model_type {config.model_type}"
     if not hasattr(config, "vocab_size") and config.model_type in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES:

@@ -4,6 +4,9 @@ missing tokenizer is one line naming the folder and the fix, not a traceback or 
 
 import json
 import os
+from contextlib import contextmanager
+
+from huggingface_hub.errors import StrictDataclassError
 
 from hftune.errors import HftuneError
 
@@ -32,22 +35,28 @@ def check_checkpoint(name, path, role):
     if not is_local(path):
         return
     config = read_config(name, path, role)
-    from transformers import CONFIG_MAPPING
+    from transformers import CONFIG_MAPPING, AutoConfig
 
     model_type = config.get("model_type")
-    if model_type not in CONFIG_MAPPING:
+    if "auto_map" in config:  # modelling code shipped with the checkpoint (trust_remote_code): its own checks
+        return
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
         import transformers
 
         raise HftuneError(f"{role} '{name}': config.json names model_type '{model_type}', which transformers "
                           f"{transformers.__version__} does not know; fix config.json or upgrade transformers.")
+    with building(name, role):  # the values themselves: types, sizes (the tokenizer reads this config first)
+        AutoConfig.from_pretrained(path)
     check_weight_files(name, path, role)
 
 
 def check_architecture(name, config, auto_class, role="model_name_or_path"):
     """The task's Auto class must have a model for this config (a ResNet cannot classify text)."""
     if type(config) not in auto_class._model_mapping:
+        fix = "distill from a teacher made for this task" if role.startswith("teacher") else \
+            "choose a checkpoint made for this task (or set task to the one it was made for)"
         raise HftuneError(f"{role} '{name}' is a {config.model_type} model, for which {auto_class.__name__} has no "
-                          "class; choose a checkpoint made for this task (or set task to the one it was made for).")
+                          f"class; {fix}.")
 
 
 def read_config(name, path, role):
@@ -62,6 +71,10 @@ def read_config(name, path, role):
         raise HftuneError(f"{role} '{name}': config.json is not valid JSON ({err}); fix or replace it.") from None
     if not isinstance(config, dict):
         raise HftuneError(f"{role} '{name}': config.json holds no mapping of settings; fix or replace it.")
+    names = config.get("architectures")
+    if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        raise HftuneError(f"{role} '{name}': config.json's architectures is {names!r}, not a list of class names "
+                          "(e.g. [\"BertForMaskedLM\"]); fix config.json.")
     return config
 
 
@@ -96,13 +109,23 @@ def check_processor_files(model_args, path, kind="tokenizer"):
                           f"({', '.join(wanted[:3])}, ...); set tokenizer_name to the {kind} it was trained with.")
 
 
-def refuse_mismatch(name, role, err):
-    """transformers' size-mismatch RuntimeError (ignore_mismatched_sizes false) as one line; any other re-raised."""
-    if "ignore_mismatched_sizes" not in str(err):
-        raise err
-    raise HftuneError(f"{role} '{name}': tensors in its weights have other shapes than its config says (transformers' "
-                      "report above names them); fix config.json, or for a new task head set "
-                      "ignore_mismatched_sizes: true.") from None
+@contextmanager
+def building(name, role="model_name_or_path"):
+    """Building a config or model from a checkpoint: what transformers or torch raise for values its
+    config.json cannot hold (a wrong type, a width that the heads do not divide, a size of 0 or less)
+    becomes one line naming the folder; the exception's type and first line stay in it."""
+    try:
+        yield
+    except HftuneError:
+        raise
+    except (ValueError, TypeError, KeyError, IndexError, ZeroDivisionError, RuntimeError, StrictDataclassError) as err:
+        if "ignore_mismatched_sizes" in str(err):
+            raise HftuneError(f"{role} '{name}': tensors in its weights have other shapes than its config says "
+                              "(transformers' report above names them); fix config.json, or for a new task head "
+                              "set ignore_mismatched_sizes: true.") from None
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise HftuneError(f"{role} '{name}': transformers cannot build a model from its config.json "
+                          f"({type(err).__name__}: {first}); fix config.json.") from None
 
 
 def check_mismatched(info, model, model_args):
