@@ -245,7 +245,8 @@ def check_best_metric(trainer, args):
     if not name or trainer.eval_dataset is None or args.deepspeed or uses_fsdp(args) or is_stream(trainer.eval_dataset):
         return
     rows = trainer.eval_dataset.select(range(min(2, len(trainer.eval_dataset))))
-    metrics = trainer.predict(rows, metric_key_prefix="eval").metrics
+    with torch.random.fork_rng(devices=[]):  # its data loader draws a seed: the run's own draws stay as they were
+        metrics = trainer.predict(rows, metric_key_prefix="eval").metrics
     if trainer.derived_metrics:
         metrics.update(trainer.derived_metrics(metrics))
     if (name if name.startswith("eval_") else f"eval_{name}") not in metrics:
