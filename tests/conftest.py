@@ -220,6 +220,7 @@ def launch(config, num_processes, args, *, script="hftune/run.py", launch_flags=
         result = subprocess.run(cmd, capture_output=True, text=True, env=environment, cwd=cwd, timeout=timeout)
         if not aborted_at_exit(result):
             break
+        cmd += ["--overwrite_output_dir=true"]  # the aborted run had finished and saved: its output_dir is not empty
     if check:
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     result.probes = {} if probe_dir is None else {

@@ -35,17 +35,31 @@ def shared_by_all_nodes(folder, args):
     token = [secrets.token_hex(4)]
     dist.broadcast_object_list(token)  # one name for this run's markers on every node
     marker = os.path.join(folder, f".hftune-node-{token[0]}-{os.environ.get('GROUP_RANK', 0)}")
+    made = args.local_process_index == 0 and make_folder(folder)
     if args.local_process_index == 0:
-        os.makedirs(folder, exist_ok=True)
         open(marker, "w").close()
     dist.barrier()
     seen = len(glob.glob(os.path.join(folder, f".hftune-node-{token[0]}-*")))
     dist.barrier()
     if args.local_process_index == 0:
         os.remove(marker)
+    dist.barrier()
+    if made and not os.listdir(folder):  # leave no trace where no run had written yet
+        os.rmdir(folder)
     shared = [None] * args.world_size
     dist.all_gather_object(shared, seen == machines(args))
     return all(shared)
+
+
+def make_folder(folder):
+    """Whether this call made `folder` (False where it was there, or another node made it first)."""
+    parent = os.path.dirname(os.path.abspath(folder))
+    os.makedirs(parent, exist_ok=True)
+    try:
+        os.mkdir(folder)
+        return True
+    except FileExistsError:
+        return False
 
 
 def preprocess_once(args, cache_dir=None):
