@@ -61,7 +61,7 @@ def kill_namespace(namespace):
 
 
 def launch_nodes(hosts, args, *, config="multi_node.yaml", script=RANK_PROBE, probe_dir=None, timeout=600,
-                 launch_flags=(), node_env=({}, {}), node_args=((), ()), check=True):
+                 launch_flags=(), node_env=({}, {}), node_args=((), ()), check=True, processes=2):
     """Both nodes' launch commands, run together until both end (or one fails: the other is then stopped
     at once, as it would wait). Returns [(exit status, output, seconds to exit)] per node."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -74,7 +74,7 @@ def launch_nodes(hosts, args, *, config="multi_node.yaml", script=RANK_PROBE, pr
     for rank, (namespace, _) in enumerate(hosts):
         command = ["ip", "netns", "exec", namespace, sys.executable, "-m", "accelerate.commands.launch",
                    "--config_file", os.path.join(REPO, "accelerate_configs", config), "--num_machines", "2",
-                   "--num_processes", "2", "--machine_rank", str(rank), "--main_process_ip", hosts[0][1],
+                   "--num_processes", str(processes), "--machine_rank", str(rank), "--main_process_ip", hosts[0][1],
                    "--main_process_port", port, *launch_flags, os.path.join(REPO, script), *map(str, args),
                    *node_args[rank]]
         log = tempfile.TemporaryFile("w+")
@@ -167,6 +167,27 @@ def test_a_dead_node_ends_the_run_in_one_line_and_both_resume_exactly(two_hosts,
                        dataloader_drop_last="true"))
     two, one = trained_weights(tmp_path / "two"), trained_weights(tmp_path / "one")
     assert max((two[k] - one[k]).abs().max().item() for k in one) < 1e-4
+
+
+def test_two_processes_on_each_of_two_nodes_equal_one_process(two_hosts, tiny_bert, tmp_path):
+    """2 x 2: four ranks over two hosts, each with its own quarter of every batch; losses and weights
+    equal one process with the same global batch."""
+    import json
+
+    from test_sft import trained_weights
+
+    train = write_jsonl(tmp_path / "train.jsonl", rows(24))
+    sgd = dict(optim="sgd", learning_rate=0.5, max_steps=3)
+    launch_nodes(two_hosts, qa_args(tiny_bert, train, tmp_path / "four", per_device_train_batch_size=2, **sgd),
+                 probe_dir=tmp_path / "probe", processes=4)
+    probes = {int(p.stem[4:]): json.loads(p.read_text()) for p in (tmp_path / "probe").glob("rank*.json")}
+    assert sorted(probes) == [0, 1, 2, 3] and all(p["world_size"] == 4 for p in probes.values())
+    shards = [set(probes[r]["rows"]) for r in range(4)]
+    assert all(shards) and sum(map(len, shards)) == len(set().union(*shards))  # disjoint
+    run_engine(qa_args(tiny_bert, train, tmp_path / "one", **sgd))
+    assert logged_losses(tmp_path / "four") == pytest.approx(logged_losses(tmp_path / "one"), abs=1e-4)
+    four, one = trained_weights(tmp_path / "four"), trained_weights(tmp_path / "one")
+    assert max((four[k] - one[k]).abs().max().item() for k in one) < 1e-4
 
 
 def test_one_output_dir_per_node_resumes_from_the_step_every_node_holds(two_hosts, tiny_bert, tmp_path):
