@@ -54,12 +54,22 @@ def seal(folder, run=None):
 
 def is_complete(folder):
     """A manifest that parses, and every file it lists present with its recorded size."""
+    return _size_problem(folder) is None
+
+
+def _size_problem(folder):
+    """Why the manifest does not match the folder by sizes alone (cheap: no file is read), or None."""
     try:
         with open(os.path.join(folder, MANIFEST)) as handle:
             sizes = json.load(handle)["files"]
-        return all(os.path.getsize(os.path.join(folder, name)) == size for name, size in sizes.items())
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
+        sizes = sorted(sizes.items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return f"incomplete (no valid {MANIFEST}; the run was stopped while saving it)"
+    for name, size in sizes:
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path) or os.path.getsize(path) != size:
+            return f"damaged: its {name} is {'gone' if not os.path.isfile(path) else 'of another size'} since it was saved"
+    return None
 
 
 def sha256(path):
@@ -87,15 +97,9 @@ def checkpoints(output_dir):
 
 def unusable(folder):
     """Why a checkpoint cannot be resumed from (None when it can): unsealed, or changed since its seal."""
-    try:
-        with open(os.path.join(folder, MANIFEST)) as handle:
-            sizes = json.load(handle)["files"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return f"incomplete (no valid {MANIFEST}; the run was stopped while saving it)"
-    for name, size in sorted(sizes.items()):
-        path = os.path.join(folder, name)
-        if not os.path.isfile(path) or os.path.getsize(path) != size:
-            return f"damaged: its {name} is {'gone' if not os.path.isfile(path) else 'of another size'} since it was saved"
+    problem = _size_problem(folder)
+    if problem:
+        return problem
     changed = changed_file(folder)
     if changed:
         return f"damaged: its {changed} no longer matches the checksum recorded when it was saved"
@@ -192,7 +196,10 @@ def check_compatible(checkpoint, config, run):
     """Refuse, before training, a resume whose model or parallel layout differs from the checkpoint's;
     a data-parallel world-size change works (optimizer state is whole on every process) and is logged."""
     manifest = os.path.join(checkpoint, MANIFEST)  # absent in a plain transformers Trainer checkpoint
-    then = (json.load(open(manifest)).get("run") or {}) if os.path.isfile(manifest) else {}
+    then = {}
+    if os.path.isfile(manifest):
+        with open(manifest) as handle:
+            then = json.load(handle).get("run") or {}
     saved = os.path.join(checkpoint, CONFIG)
     before = yaml.safe_load(open(saved)) if os.path.isfile(saved) else {}
     changed = [f"{key} {before[key]!r} -> {config.get(key)!r}" for key in MODEL_KEYS
