@@ -62,7 +62,7 @@ class Materials:
     """Tiny real-format models, the real tweets, and one earlier real run, built once in `folder`."""
 
     def __init__(self, folder):
-        from bench import digit_folders, llama, tiny_bert, tiny_resnet
+        from bench import llama, tiny_bert, tiny_resnet
 
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -70,7 +70,6 @@ class Materials:
         self.bert = tiny_bert(self.folder / "tiny-bert")
         self.gpt = llama(self.folder / "tiny-llama", tiny=True)
         self.resnet = tiny_resnet(self.folder / "tiny-resnet")
-        self.images = str(digit_folders(self.folder, size=32)[0].parent)
         self.count = 0
         self.earlier_run = self._earlier_run()
 

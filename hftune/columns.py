@@ -96,8 +96,9 @@ def check_column_types(raw, data_args):
             if type(feature).__name__ == "Json" and not isinstance(dataset, IterableDataset):  # (rows at hand)
                 raise HftuneError(f"column '{name}' of the {split} split mixes value types: {_odd_row(dataset, name)}; "
                                   "give every row the same type.")
+        kinds = _string_columns(dataset)
         for name in (n for t in texts for n in t.split(",")):
-            kind = _string_columns(dataset).get(name, "string") if name in dataset.column_names else "string"
+            kind = kinds.get(name, "string")  # (a missing column is named by the task's own check)
             if kind != "string":
                 what = "lists (words?)" if kind is None else f"{kind} values"
                 raise HftuneError(f"text_column '{name}' of the {split} split holds {what}, not text; give each "
