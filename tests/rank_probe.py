@@ -4,9 +4,12 @@ and records what each process really saw, in $HFTUNE_PROBE_DIR/rank<R>.json:
   rows        a fingerprint of every example the process collated (run without evaluation, so
               these are training rows),
   ds_tensor / ds_numel  under ZeRO-3, the parameter elements this process holds / the full count,
-  local_numel / full_numel  the same under FSDP2.
+  local_numel / full_numel  the same under FSDP2,
+  distributed_type  accelerate's, once an Accelerator exists (None under Trainer until it builds one).
 With HFTUNE_PROBE_UNCHECKED=1 hftune's world-size check is skipped (negative controls only); with
-HFTUNE_KILL_AT every process kills itself as tests/kill_probe.py describes.
+HFTUNE_KILL_AT every process kills itself as tests/kill_probe.py describes; with HFTUNE_PROBE_AS_GPU_FSDP=1
+accelerate's state is what an FSDP launch on GPUs gets (distributed type FSDP, its plugin), device and
+backend aside.
 """
 
 import hashlib
@@ -48,6 +51,9 @@ def probing(build):
                 dist = torch.distributed
                 seen["world_size"] = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
                 record_partitioning(bundle.model)
+                from accelerate.state import AcceleratorState
+
+                seen["distributed_type"] = str(AcceleratorState._shared_state.get("distributed_type"))
             seen["rows"].extend(row_fingerprint(example) for example in examples)
             return collate(examples)
 
@@ -73,6 +79,19 @@ if os.environ.get("HFTUNE_KILL_AT"):  # kill -9 every process at that moment (se
     from kill_probe import arm
 
     arm(*os.environ["HFTUNE_KILL_AT"].split(":"))
+
+if os.environ.get("HFTUNE_PROBE_AS_GPU_FSDP"):
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    cpu_init = AcceleratorState.__init__
+
+    def as_on_gpus(self, *args, **kwargs):  # accelerate makes FSDP states for GPU-family launches only
+        cpu_init(self, *args, **kwargs)
+        if self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type, self.fsdp_plugin = DistributedType.FSDP, FullyShardedDataParallelPlugin()
+
+    AcceleratorState.__init__ = as_on_gpus
 
 if __name__ == "__main__":
     try:

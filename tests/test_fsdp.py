@@ -1,8 +1,10 @@
-"""FSDP on a machine without GPUs: `accelerate launch --config_file accelerate_configs/fsdp.yaml` runs
-engine: accelerate (chosen for you, with a line saying why), which shards the model with FSDP2
-itself: each process holds half of every parameter and reads its own rows, the losses equal a
+"""FSDP launches: `accelerate launch --config_file accelerate_configs/fsdp.yaml` runs engine: accelerate
+(chosen for you, with a line saying why), which shards the model with FSDP2 itself, with GPUs or
+without: each process holds half of every parameter and reads its own rows, the losses equal a
 single-process run's, the saved model is a full checkpoint from_pretrained loads, checkpoints
-resume exactly, and what the CPU path cannot honour is refused before anything loads."""
+resume exactly, and what this path cannot honour is refused before anything loads.
+The launches run on CPU processes over gloo; one of them gives accelerate the state a GPU launch
+gets, so accelerate's FSDP branches meet hftune's sharded model as on GPUs (hftune/engines/fsdp.py)."""
 
 import json
 import os
@@ -17,9 +19,9 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from conftest import REPO, RANK_PROBE, launch, logged_losses, read_json, tiny_model
 from hftune.errors import HftuneError
 
-SWITCH_LINE = "FSDP launch without GPUs: using engine: accelerate"
+SWITCH_LINE = "FSDP launch: using engine: accelerate"
 pytestmark = pytest.mark.skipif(torch.accelerator.is_available(),
-                                reason="the GPU-less path (with GPUs, accelerate applies FSDP itself)")
+                                reason="CPU-process launches; benchmarks/gpu_check.py runs FSDP on GPUs")
 
 
 def bert_args(tiny_bert, tweets_csv, **overrides):
@@ -31,21 +33,28 @@ def bert_args(tiny_bert, tweets_csv, **overrides):
     return [f"--{key}={value}" for key, value in settings.items()]
 
 
+@pytest.mark.parametrize("accelerate_state", ["cpu", "as on GPUs"])
 @pytest.mark.slow
-def test_fsdp_launch_shards_and_matches_one_process(tiny_bert, tweets_csv, tmp_path):
+def test_fsdp_launch_shards_and_matches_one_process(accelerate_state, tiny_bert, tweets_csv, tmp_path):
+    """"as on GPUs": accelerate's state is the one a GPU launch gets (distributed type FSDP), so its
+    FSDP branches (clip_grad_norm_, save_state, ...) meet hftune's sharded model as they do there."""
     # Accumulation exercises FSDP's local accumulation (no reduce-scatter until the last micro-batch),
     # max_grad_value the clamp of sharded gradients, max_grad_norm (1.0) the norm over all shards.
     common = dict(gradient_accumulation_steps=2, max_grad_value=0.05)
     (tmp_path / "probe").mkdir()
+    env = {"HFTUNE_PROBE_AS_GPU_FSDP": "1"} if accelerate_state == "as on GPUs" else {}
     two = launch("fsdp.yaml", 2, bert_args(tiny_bert, tweets_csv, output_dir=tmp_path / "two",
-                                           per_device_train_batch_size=4, **common),
-                 cwd=tmp_path, script=RANK_PROBE, probe_dir=tmp_path / "probe")
+                                           per_device_train_batch_size=4, save_strategy="steps", save_steps=8,
+                                           **common),
+                 cwd=tmp_path, script=RANK_PROBE, probe_dir=tmp_path / "probe", env=env)
     launch("single_device.yaml", 1, bert_args(tiny_bert, tweets_csv, output_dir=tmp_path / "one",
                                               per_device_train_batch_size=8, **common), cwd=tmp_path)
     assert SWITCH_LINE in two.stderr + two.stdout
     assert yaml.safe_load((tmp_path / "two/hftune_config.yaml").read_text())["engine"] == "accelerate"
     ranks = [read_json(tmp_path / f"probe/rank{r}.json") for r in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2]
+    expected_type = "DistributedType.FSDP" if accelerate_state == "as on GPUs" else "DistributedType.MULTI_CPU"
+    assert [r["distributed_type"] for r in ranks] == [expected_type] * 2
     full = ranks[0]["full_numel"]
     assert ranks[1]["full_numel"] == full == sum(r["local_numel"] for r in ranks)  # each element on one rank
     assert all(abs(r["local_numel"] - full / 2) < 0.01 * full for r in ranks), ranks  # really half each
@@ -170,9 +179,9 @@ def parse(monkeypatch, tmp_path, env=(), args=()):
                          "--output_dir", str(tmp_path / "out"), *args])[2]
 
 
-def test_fsdp_without_gpus_switches_to_the_accelerate_engine(monkeypatch, tmp_path, caplog):
+def test_an_fsdp_launch_switches_to_the_accelerate_engine(monkeypatch, tmp_path, caplog):
     assert parse(monkeypatch, tmp_path).engine == "accelerate"
-    assert SWITCH_LINE in caplog.text and "Trainer cannot shard on CPU" in caplog.text
+    assert SWITCH_LINE in caplog.text and "Trainer's FSDP path is not used" in caplog.text
 
 
 REFUSED = {
@@ -184,12 +193,13 @@ REFUSED = {
     "recipe fsdp": ({"ACCELERATE_USE_FSDP": "false"}, ["--fsdp", "full_shard"], "launch with --config_file"),
     # Switched for the user: the message must not send them back to Trainer, which cannot shard here.
     "Trainer-only feature": ({}, ["--torch_compile", "true"], "torch_compile is implemented by Trainer's loop only, "
-                                                               "which cannot shard without GPUs; drop torch_compile."),
+                                                               "which does not run FSDP launches (hftune shards "
+                                                               "them itself); drop torch_compile."),
 }
 
 
 @pytest.mark.parametrize("case", REFUSED)
-def test_fsdp_without_gpus_refuses_what_it_cannot_honour(case, monkeypatch, tmp_path):
+def test_an_fsdp_launch_refuses_what_it_cannot_honour(case, monkeypatch, tmp_path):
     env, args, message = REFUSED[case]
     with pytest.raises(HftuneError) as raised:
         parse(monkeypatch, tmp_path, env, args)

@@ -8,8 +8,8 @@ process: the same losses and learning rates as `engine: trainer`.
 A causal LM's loss weighs every labelled token of an update alike across micro-batches and processes,
 as Trainer does (average_tokens_across_devices); other tasks' micro-batch means count equally.
 Differences from Trainer: checkpoints hold the model plus `engine_state/` from `Accelerator.save_state`.
-FSDP: on GPUs `accelerator.prepare` applies it; on a machine without GPUs accelerate cannot, so the
-engine shards the model itself with FSDP2 (hftune/engines/fsdp.py) before building the optimizer.
+FSDP (every fsdp.yaml launch, with GPUs or without): the engine shards the model itself with FSDP2
+(hftune/engines/fsdp.py) before building the optimizer; model and optimizer stay out of `prepare`.
 """
 
 import inspect
@@ -31,7 +31,7 @@ from transformers.trainer_pt_utils import LabelSmoother, LengthGroupedSampler
 from transformers.trainer_utils import seed_worker, unwrap_peft_model
 
 from hftune.compression.distillation import distiller_for
-from hftune.engines.fsdp import cpu_fsdp_for
+from hftune.engines.fsdp import fsdp_for
 from hftune.engines.loop import LoopEngine
 from hftune.training.guards import guard_for
 from hftune.training.optim import (
@@ -83,7 +83,7 @@ class AccelerateEngine(LoopEngine):
         # Trainer reseeds here too, so both engines draw the same data order and dropout masks.
         enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
         self.accelerator = make_accelerator(args, isinstance(bundle.model, PreTrainedModel))
-        self.fsdp = cpu_fsdp_for(self.accelerator)  # None unless FSDP on CPU: then the model stays out of prepare
+        self.fsdp = fsdp_for(self.accelerator)  # None unless an FSDP launch: then the model stays out of prepare
         self.model = bundle.model
         # the class under a peft wrapper (PeftModelForCausalLM is no causal-LM class name)
         self.is_causal = type(unwrap_peft_model(self.model)).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
@@ -225,7 +225,7 @@ class AccelerateEngine(LoopEngine):
             self._grad_norm = self.accelerator.clip_grad_norm_(params, args.max_grad_norm, args.max_grad_norm_type)
         else:  # the norm is logged either way, as Trainer does
             self._grad_norm = self.accelerator.clip_grad_norm_(params, float("inf"))
-        if hasattr(self._grad_norm, "full_tensor"):  # FSDP on CPU: a replicated DTensor; the guard wants a tensor
+        if hasattr(self._grad_norm, "full_tensor"):  # FSDP: a replicated DTensor; the guard wants a tensor
             self._grad_norm = self._grad_norm.full_tensor()
         if self.guard is not None:  # a skipped update leaves no gradient, so optimizer.step() passes over it
             self.guard.check(self.model.parameters(), self.state.global_step + 1, self._grad_norm)
@@ -267,7 +267,7 @@ class AccelerateEngine(LoopEngine):
         for line in describe_strategy(self.model, self.optimizer, args, self.penalties):
             logger.info(line)
         self.lr_scheduler = build_scheduler(self.optimizer, args, max_steps, per_epoch)
-        if not self.fsdp:  # prepare would wrap a CPU-sharded model in DDP; the raw optimizer is saved by fsdp
+        if not self.fsdp:  # prepare would wrap (or re-shard) the sharded model; the raw optimizer is saved by fsdp
             self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
         # Not register_for_checkpointing: accelerate reads registered states back with an unrestricted pickle
         # (load_custom_state: torch.load(weights_only=False)); the schedule's state is saved beside instead.

@@ -69,16 +69,13 @@ ACCELERATE_SAMPLING = ("random", "sequential", "group_by_length")
 
 
 def _check_accelerate_engine(args):
-    import torch
+    from hftune.engines.fsdp import check_fsdp
 
-    from hftune.engines.fsdp import check_cpu_fsdp
-
-    cpu_fsdp = fsdp_launch() and not torch.accelerator.is_available()
-    # Without GPUs an FSDP launch runs on this engine only (choose_engine_for_fsdp): Trainer is no remedy there.
+    # An FSDP launch runs on this engine only (choose_engine_for_fsdp): Trainer is no remedy there.
     trainer_only = "is implemented by Trainer's loop only"
     use_trainer, needs_trainer = "use engine: trainer or ", "needs engine: trainer"
-    if cpu_fsdp:
-        trainer_only += ", which cannot shard without GPUs"
+    if fsdp_launch():
+        trainer_only += ", which does not run FSDP launches (hftune shards them itself)"
         use_trainer, needs_trainer = "", trainer_only
     for name in TRAINER_ONLY:
         if getattr(args, name, None) not in UNSET:
@@ -95,11 +92,8 @@ def _check_accelerate_engine(args):
     if fsdp_launch() and getattr(optimizer_spec(args), "needs_closure", False):
         raise HftuneError(f"optim {name_of(args.optim)} cannot run under FSDP: its line search works on whole "
                           "gradients, FSDP shards them; launch with accelerate_configs/ddp.yaml.")
-    if cpu_fsdp:
-        check_cpu_fsdp(args)
-    elif fsdp_launch():  # with GPUs accelerate's own FSDP plugin applies, through Trainer
-        raise HftuneError("engine: accelerate shards with FSDP itself only on machines without GPUs; "
-                          "use engine: trainer for FSDP on GPUs.")
+    if fsdp_launch():
+        check_fsdp(args)
 
 
 NOT_IN_PIPELINE = {
@@ -131,21 +125,18 @@ def check_pipeline_args(args):
 
 
 def choose_engine_for_fsdp(args):
-    """An FSDP launch on a machine without GPUs runs on engine: accelerate. accelerate enables FSDP for
-    GPU launches only, so under Trainer (use_cpu) it silently trains plain DDP, every process holding
-    the whole model; the accelerate engine applies FSDP2 itself (hftune/engines/fsdp.py)."""
-    import torch
-
-    if torch.accelerator.is_available():
-        return
+    """Every FSDP launch runs on engine: accelerate, which applies FSDP2 itself (hftune/engines/fsdp.py),
+    on GPUs and without them alike. Trainer would go through accelerate's FSDP path, which without
+    GPUs silently trains plain DDP (every process holding the whole model) and with GPUs fails on
+    BERT-style encoders."""
     if args.fsdp not in UNSET:
-        raise HftuneError("the recipe's fsdp needs GPUs (without them Trainer trains plain DDP); drop it and "
-                          "launch with --config_file accelerate_configs/fsdp.yaml, which shards on CPU too.")
+        raise HftuneError("the recipe's fsdp is Trainer's FSDP, which hftune does not run (without GPUs it trains "
+                          "plain DDP); drop it and launch with --config_file accelerate_configs/fsdp.yaml.")
     if fsdp_launch() and args.engine == "trainer":
         args.engine = "accelerate"
         if os.environ.get("RANK", "0") == "0":  # one line per launch, not per process
-            logger.warning("FSDP launch without GPUs: using engine: accelerate, which applies FSDP2 itself "
-                           "(Trainer cannot shard on CPU: accelerate falls back to DDP there).")
+            logger.warning("FSDP launch: using engine: accelerate, which shards the model with FSDP2 itself "
+                           "(the same code with GPUs and without; Trainer's FSDP path is not used).")
 
 
 def check_training_strategy(args):

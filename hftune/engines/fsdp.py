@@ -1,15 +1,19 @@
-"""FSDP2 where accelerate does not apply it: an FSDP launch (accelerate_configs/fsdp.yaml) on a
-machine without GPUs, under `engine: accelerate`.
+"""hftune's FSDP2: every FSDP launch (accelerate_configs/fsdp.yaml) runs `engine: accelerate`, which
+shards the model with this module, on GPUs and without them alike, so a GPU launch runs the code the
+CPU tests run (the device mesh's type and the process group's backend aside).
 
-accelerate enables FSDP only for GPU-family launches; hftune runs GPU-less launches on the CPU over
-gloo, so the Accelerator is MULTI_CPU and `prepare` would wrap the model in DDP: every process keeps
-the whole model, and nothing says so. Here the engine shards the model itself, with the plugin
-accelerate builds from the launch's FSDP_* variables (wrap policy, reshard_after_forward, state
-dict type) and torch's `fully_shard` over a CPU device mesh, before the optimizer is built; the
-model then stays out of `accelerator.prepare`. Nothing in accelerate's state is changed.
-On a GPU machine none of this runs: `accelerator.prepare` applies FSDP as usual.
+Why not accelerate's own FSDP path (Trainer + `accelerator.prepare`)?
+- Without GPUs accelerate does not apply FSDP at all: the Accelerator is MULTI_CPU and `prepare`
+  wraps the model in DDP, every process keeping the whole model, and nothing says so.
+- With GPUs its `fsdp2_prepare_model` fails on BERT-style encoders: it shards each `BertEmbeddings`
+  block (a `_no_split_modules` entry), then shards its word embeddings again as "the input
+  embeddings" (torch: "Invariant encountered: value was None"); tests/test_fsdp.py shows the failure.
+Here the engine shards the model itself, with the plugin accelerate builds from the launch's FSDP_*
+variables (wrap policy, reshard_after_forward, state dict type) and torch's `fully_shard` over a
+device mesh of the launch's device, before the optimizer is built; the model and optimizer then stay
+out of `accelerator.prepare`. Nothing in accelerate's state is changed.
 
-Example (2 processes, no GPU):
+Example (2 processes, with or without GPUs):
     accelerate launch --config_file accelerate_configs/fsdp.yaml --num_processes 2 hftune/run.py \
         --config recipe.yaml   # engine: accelerate is chosen for you
 """
@@ -33,14 +37,14 @@ def _env_true(name):
     return os.environ.get(name, "false").lower() == "true"
 
 
-def check_cpu_fsdp(args):
-    """Refuse the FSDP settings hftune's CPU path cannot honour. The FSDP_* variables are read only
+def check_fsdp(args):
+    """Refuse the FSDP settings this path cannot honour. The FSDP_* variables are read only
     when set (`hftune plan` exports ACCELERATE_USE_FSDP alone)."""
     version = os.environ.get("FSDP_VERSION", "2")
     problems = {
-        f"fsdp_version: {version} (FSDP1 does not run on CPU here; set fsdp_version: 2)": version != "2",
-        "fsdp_offload_params: true (the parameters already live in CPU memory; set it to false)":
-            _env_true("FSDP_OFFLOAD_PARAMS"),
+        f"fsdp_version: {version} (hftune shards with FSDP2; set fsdp_version: 2)": version != "2",
+        "fsdp_offload_params: true (without GPUs the parameters already live in CPU memory; with GPUs "
+        "use accelerate_configs/deepspeed_zero3_offload.yaml to offload)": _env_true("FSDP_OFFLOAD_PARAMS"),
         "fsdp_activation_checkpointing: true (set activation_checkpointing: true in the recipe instead)":
             _env_true("FSDP_ACTIVATION_CHECKPOINTING"),
         "fsdp_ignored_modules (drop it)": bool(os.environ.get("FSDP_IGNORED_MODULES")),
@@ -49,12 +53,12 @@ def check_cpu_fsdp(args):
     }
     for problem, present in problems.items():
         if present:
-            raise HftuneError(f"FSDP on a machine without GPUs (engine: accelerate shards the model itself) "
+            raise HftuneError(f"FSDP launches (engine: accelerate shards the model itself with FSDP2) "
                               f"cannot honour {problem}.")
 
 
-class CpuFsdp:
-    """Shards a model with FSDP2 over the CPU processes, and gathers/saves/loads its state."""
+class Fsdp2:
+    """Shards a model with FSDP2 over the launch's processes, and gathers/saves/loads its state."""
 
     def __init__(self, accelerator):
         from accelerate.utils import FullyShardedDataParallelPlugin
@@ -63,8 +67,10 @@ class CpuFsdp:
         self.accelerator = accelerator
         self.plugin = FullyShardedDataParallelPlugin()  # reads the launch's FSDP_* variables
         if self.plugin.fsdp_version != 2:
-            raise HftuneError("FSDP on a machine without GPUs needs fsdp_version: 2 in the accelerate config.")
-        self.mesh = init_device_mesh("cpu", (accelerator.num_processes,), mesh_dim_names=("dp_shard",))
+            raise HftuneError("FSDP launches need fsdp_version: 2 in the accelerate config (hftune shards with FSDP2).")
+        # fully_shard moves each block to the mesh's device: this process's GPU, or the CPU (over gloo)
+        self.mesh = init_device_mesh(accelerator.device.type, (accelerator.num_processes,),
+                                     mesh_dim_names=("dp_shard",))
 
     def shard(self, model):
         """fully_shard each block the wrap policy picks (the model's `_no_split_modules` under
@@ -77,7 +83,7 @@ class CpuFsdp:
         if isinstance(model, FSDPModule):  # evaluate and predict without training each ask
             return model
         full_state = model.state_dict() if self.accelerator.is_main_process else {}
-        # bf16 computes in bf16; gradients are reduced in fp32, which gloo handles.
+        # bf16 computes in bf16; gradients are reduced in fp32, which gloo handles (NCCL too).
         bf16 = self.accelerator.mixed_precision == "bf16"
         precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
             MixedPrecisionPolicy()
@@ -89,7 +95,7 @@ class CpuFsdp:
                 fully_shard(block, **kwargs)
         fully_shard(model, **kwargs)
         self._load_from_rank0(model, full_state)
-        logger.info(f"FSDP2 on CPU: {len(blocks)} blocks + root sharded over {self.accelerator.num_processes} "
+        logger.info(f"FSDP2 on {self.mesh.device_type}: {len(blocks)} blocks + root sharded over {self.accelerator.num_processes} "
                     f"processes, reshard_after_forward={self.plugin.reshard_after_forward}")
         return model
 
@@ -100,7 +106,7 @@ class CpuFsdp:
         set_model_state_dict(model, full_state, options=options)
         # Buffers outside the state dict (position ids, rotary tables) are not sharded: rank 0's everywhere.
         for name, buffer in list(model.named_buffers()):
-            value = torch.empty_like(buffer, device="cpu") if buffer.is_meta else buffer
+            value = torch.empty_like(buffer, device=self.mesh.device_type) if buffer.is_meta else buffer
             dist.broadcast(value, src=0)
             if value is not buffer:
                 owner, _, leaf = name.rpartition(".")
@@ -177,13 +183,11 @@ class CpuFsdp:
         set_optimizer_state_dict(model, optimizer, state.get("optimizer", {}), options=options)
 
 
-def cpu_fsdp_for(accelerator):
-    """A CpuFsdp when this launch asks for FSDP but accelerate did not apply it (no GPU), else None."""
-    from accelerate.utils import DistributedType
-
-    if not fsdp_launch() or accelerator.distributed_type == DistributedType.FSDP:
+def fsdp_for(accelerator):
+    """An Fsdp2 when this launch asks for FSDP over several processes, else None."""
+    if not fsdp_launch():
         return None
     if accelerator.num_processes == 1:
         logger.info("FSDP launch with one process: nothing to shard, the model trains whole.")
         return None
-    return CpuFsdp(accelerator)
+    return Fsdp2(accelerator)
