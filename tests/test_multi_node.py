@@ -250,3 +250,24 @@ def test_hftune_launch_checks_the_main_address_before_waiting_on_it(two_hosts, t
         f"hftune: error: node 0 at main_process_ip {two_hosts[0][1]}, port 29999, did not answer within 3 s "
         "(Connection refused): start machine_rank 0, check the address and that the port is open between the "
         "machines (HFTUNE_PREFLIGHT_TIMEOUT sets the wait)."]
+
+
+def test_fsdp_across_two_nodes_equals_one_process(two_hosts, tiny_bert, tweets_csv, tmp_path):
+    """FSDP (hftune's FSDP2 over gloo) across the two hosts: each node holds half of every parameter,
+    the losses equal one process, and the model is saved once, whole."""
+    import json
+
+    from transformers import AutoModelForSequenceClassification
+
+    from test_fsdp import bert_args
+
+    launch_nodes(two_hosts, bert_args(tiny_bert, tweets_csv, output_dir=tmp_path / "two", per_device_train_batch_size=4,
+                                      max_steps=4), config="fsdp.yaml", probe_dir=tmp_path / "probe")
+    probes = {int(p.stem[4:]): json.loads(p.read_text()) for p in (tmp_path / "probe").glob("rank*.json")}
+    full = probes[0]["full_numel"]
+    assert all(probes[r]["local_numel"] == pytest.approx(full / 2, rel=0.01) for r in (0, 1))
+    run_engine(bert_args(tiny_bert, tweets_csv, output_dir=tmp_path / "one", per_device_train_batch_size=8,
+                         max_steps=4))
+    assert logged_losses(tmp_path / "two") == pytest.approx(logged_losses(tmp_path / "one"), abs=1e-4)
+    assert len(logged_losses(tmp_path / "two")) == 4
+    AutoModelForSequenceClassification.from_pretrained(tmp_path / "two")
