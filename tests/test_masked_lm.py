@@ -1,6 +1,7 @@
 """masked-lm: masks as DataCollatorForLanguageModeling draws them (rate, special tokens, labels, whole
-words), reproducible per batch and fixed per evaluation row; blocks vs line_by_line; a tiny BERT that
-learns real tweets; the adapted encoder as a classifier's start; bad input; distillation; DDP and resume."""
+words), reproducible per batch and epoch, new each epoch, and fixed per evaluation row; blocks vs
+line_by_line; a tiny BERT that learns real tweets; the adapted encoder as a classifier's start; bad input;
+distillation; DDP and resume."""
 
 import logging
 
@@ -90,6 +91,58 @@ def test_padding_is_never_masked_and_masks_are_reproducible(tiny_bert, texts):
     assert torch.equal(batch["input_ids"], again["input_ids"]) and torch.equal(batch["labels"], again["labels"])
     other = bundle.data_collator(rows[::-1])  # another batch: other masks
     assert not torch.equal(other["labels"].flip(0), batch["labels"])
+
+
+def test_each_epoch_draws_its_own_masks_reproducibly(tiny_bert, texts):
+    first, second = (build(tiny_bert, texts[:64], texts[64:80], max_seq_length=32) for _ in range(2))
+    rows = [first.train_dataset[i] for i in range(8)]
+
+    def masks(bundle, epoch):
+        bundle.data_collator.epoch = epoch
+        return bundle.data_collator([dict(r) for r in rows])
+
+    zero, one = masks(first, 0), masks(first, 1)
+    assert not torch.equal(zero["labels"], one["labels"])  # the same batch, another epoch: other masks
+    for epoch, batch in ((0, zero), (1, one)):  # the same tokens and epoch: the same masks, in any copy
+        for again in (masks(first, epoch), masks(second, epoch)):
+            assert torch.equal(batch["input_ids"], again["input_ids"]) and torch.equal(batch["labels"], again["labels"])
+    evaluation = [first.eval_dataset[i] for i in range(4)]
+    assert first.data_collator(evaluation)["labels"].tolist() == first.eval_dataset[:4]["labels"]  # masked once
+
+
+class SeenMasks(TrainerCallback):
+    """(tokens before masking, labels) of every training micro-batch the model is given, in order."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        def record(module, positional, inputs):
+            if module.training:
+                ids, labels = inputs["input_ids"], inputs["labels"]
+                self.seen.append((torch.where(labels == IGNORE, ids, labels), labels))
+
+        model.register_forward_pre_hook(record, with_kwargs=True)
+
+
+def test_sequential_epochs_draw_new_masks_on_both_engines_and_with_workers(tiny_bert, corpus, tmp_path):
+    """2 epochs of the same 2 batches (sequential order): the second epoch masks them anew, and the
+    masks are the same on either engine and with dataloader workers (which start with each epoch)."""
+    runs = {}
+    for name, flags in (("trainer", {}), ("workers", dict(dataloader_num_workers=2)),
+                        ("accelerate", dict(engine="accelerate", dataloader_num_workers=2))):
+        recorder = SeenMasks()
+        run_engine(mlm_args(tiny_bert, corpus[0], None, tmp_path / name, max_steps=4, max_train_samples=16,
+                            train_sampling_strategy="sequential", do_eval="false", validation_split_percentage=0,
+                            **flags), callbacks=[recorder])
+        runs[name] = recorder.seen
+    seen = runs["trainer"]
+    assert len(seen) == 4  # 16 blocks in batches of 8: 2 steps an epoch
+    for step in range(2):
+        (tokens, labels), (again, relabelled) = seen[step], seen[step + 2]
+        assert torch.equal(tokens, again) and not torch.equal(labels, relabelled)
+    for name in ("workers", "accelerate"):
+        assert len(runs[name]) == 4 and all(torch.equal(a[1], b[1]) for a, b in zip(seen, runs[name])), name
 
 
 def test_whole_word_masking_masks_every_sub_token_of_a_word(tiny_bert, texts):
@@ -206,6 +259,8 @@ def no_mask_tokenizer(tiny_bert, tmp_path):
     (dict(pad_to_max_length="true"), "pad_to_max_length applies to line_by_line: true"),
     (dict(block_size=32), "block_size does not apply to task masked-lm"),
     (dict(peft="prompt_tuning"), "peft prompt_tuning"),
+    (dict(dataloader_num_workers=1, dataloader_persistent_workers="true"),
+     "masked-lm draws new masks each epoch, which dataloader_persistent_workers would keep"),
 ])
 def test_bad_settings_are_one_line(capsys, tiny_bert, corpus, tmp_path, overrides, message):
     assert message in fail(capsys, mlm_args(tiny_bert, *corpus, tmp_path / "out", **overrides))
@@ -259,6 +314,20 @@ def test_resume_continues_exactly(tiny_bert, corpus, tmp_path):
                   resume_from_checkpoint=tmp_path / "whole" / "checkpoint-2"))
     whole, resumed, checkpoint = (weights(tmp_path / n) for n in ("whole", "resumed", "whole/checkpoint-2"))
     assert max((whole[k] - checkpoint[k]).abs().max().item() for k in whole) > 1e-3  # steps 3-4 changed weights
+    assert max((whole[k] - resumed[k]).abs().max().item() for k in whole) < 1e-6
+
+
+@pytest.mark.parametrize("engine", ["trainer", "accelerate"])
+def test_resume_in_a_later_epoch_continues_exactly(tiny_bert, corpus, tmp_path, engine):
+    """3 epochs of 2 steps, resumed half-way through the second (after step 3): the resumed run masks as
+    that epoch does."""
+    flags = dict(max_steps=6, max_train_samples=16, save_strategy="steps", save_steps=3, engine=engine,
+                 train_sampling_strategy="sequential", do_eval="false", validation_file=None,
+                 validation_split_percentage=0)
+    main(mlm_args(tiny_bert, corpus[0], None, tmp_path / "whole", **flags))
+    main(mlm_args(tiny_bert, corpus[0], None, tmp_path / "resumed", **flags,
+                  resume_from_checkpoint=tmp_path / "whole" / "checkpoint-3"))
+    whole, resumed = weights(tmp_path / "whole"), weights(tmp_path / "resumed")
     assert max((whole[k] - resumed[k]).abs().max().item() for k in whole) < 1e-6
 
 

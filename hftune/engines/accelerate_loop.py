@@ -29,8 +29,9 @@ from transformers import PreTrainedModel, default_data_collator, enable_full_det
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.trainer_pt_utils import LabelSmoother, LengthGroupedSampler
 from transformers.trainer_utils import seed_worker, unwrap_peft_model
+from transformers.utils import find_labels
 
-from hftune.compression.distillation import distiller_for
+from hftune.compression.distillation import distiller_for, task_logits
 from hftune.engines.fsdp import fsdp_for
 from hftune.engines.loop import LoopEngine
 from hftune.training.guards import guard_for
@@ -75,6 +76,9 @@ def make_accelerator(args, is_hf_model=True):
                        kwargs_handlers=[DistributedDataParallelKwargs(**ddp)])
 
 
+PREDICTED = ("logits", "start_logits", "end_logits")  # the outputs evaluation gathers (a span model has two)
+
+
 class AccelerateEngine(LoopEngine):
     """Trains, evaluates and saves a TaskBundle; offers the Trainer methods run.py uses."""
 
@@ -85,6 +89,8 @@ class AccelerateEngine(LoopEngine):
         self.accelerator = make_accelerator(args, isinstance(bundle.model, PreTrainedModel))
         self.fsdp = fsdp_for(self.accelerator)  # None unless an FSDP launch: then the model stays out of prepare
         self.model = bundle.model
+        # what evaluation scores against, as Trainer finds it: `labels`, or a span model's start/end positions
+        self.label_names = args.label_names or find_labels(type(unwrap_peft_model(self.model))) or ["labels"]
         # the class under a peft wrapper (PeftModelForCausalLM is no causal-LM class name)
         self.is_causal = type(unwrap_peft_model(self.model)).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
         self.weigh_tokens = self.is_causal and accepts_loss_kwargs(unwrap_peft_model(self.model))
@@ -183,7 +189,7 @@ class AccelerateEngine(LoopEngine):
             loss = loss * self.accelerator.num_processes
             tokens = tokens / self.accelerator.num_processes
         if self.distiller is not None:
-            loss = self.distiller.mix(loss, outputs["logits"], batch, batch.get("labels"), num_items=tokens,
+            loss = self.distiller.mix(loss, task_logits(outputs), batch, batch.get("labels"), num_items=tokens,
                                       accumulation=accumulation, scaled=scaled)
         loss = self.penalties.add_to(loss, 1 / accumulation if scaled else 1.0)
         return loss if scaled else loss / accumulation
@@ -322,13 +328,20 @@ class AccelerateEngine(LoopEngine):
         for batch in loader:
             with torch.no_grad():
                 loss, outputs = self.compute_loss(self.model, batch)
-            losses.append(self.accelerator.gather_for_metrics(loss.detach().repeat(len(batch["labels"]))))
+            targets = tuple(batch[name] for name in self.label_names)
+            losses.append(self.accelerator.gather_for_metrics(loss.detach().repeat(len(targets[0]))))
             if self.bundle.compute_metrics is not None:
-                logits.append(self.accelerator.gather_for_metrics(outputs["logits"]).float().cpu())
-                labels.append(self.accelerator.gather_for_metrics(batch["labels"]).cpu())
+                predicted = tuple(outputs[key].float() for key in PREDICTED if outputs.get(key) is not None)
+                logits.append(self._gathered(predicted))
+                labels.append(self._gathered(targets))
         metrics = self._task_metrics(logits, labels, metric_key_prefix)
         metrics[f"{metric_key_prefix}_loss"] = torch.cat(losses).mean().item()
         return self._report_evaluation(metrics, metric_key_prefix, start, len(dataset), len(loader))
+
+    def _gathered(self, tensors):
+        """Every process's rows of this batch, in order; sequences padded with -100 to the longest process's."""
+        padded = self.accelerator.pad_across_processes(tensors, dim=1, pad_index=-100)
+        return tuple(t.cpu() for t in self.accelerator.gather_for_metrics(padded))
 
     def _loss_terms(self):
         terms = self.penalties.pop_means()

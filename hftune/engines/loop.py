@@ -19,13 +19,12 @@ import math
 import os
 import time
 
-import torch
 from transformers.integrations import get_reporting_integration_callbacks
 from transformers.trainer_callback import (
     CallbackHandler, DefaultFlowCallback, PrinterCallback, ProgressCallback, TrainerControl, TrainerState,
 )
-from transformers.trainer_pt_utils import log_metrics, save_metrics, save_state
-from transformers.trainer_utils import EvalPrediction, TrainOutput, speed_metrics
+from transformers.trainer_pt_utils import log_metrics, nested_concat, nested_numpify, save_metrics, save_state
+from transformers.trainer_utils import EvalPrediction, TrainOutput, denumpify_detensorize, speed_metrics
 
 from hftune.training.checkpoints import commit, unseal
 
@@ -40,13 +39,13 @@ class LoopEngine:
 
     def _start_callbacks(self, *extra):
         """A fresh TrainerState, and Trainer's callbacks (flow, trackers, progress) followed by the
-        engine's `extra` ones (None: not wanted)."""
+        task's (as Trainer places its `callbacks` argument) and the engine's `extra` ones (None: not wanted)."""
         args = self.args
         self.state = TrainerState(is_local_process_zero=self.is_local_process_zero(),
                                   is_world_process_zero=self.is_world_process_zero())
         self.control = TrainerControl()
         callbacks = [DefaultFlowCallback, *get_reporting_integration_callbacks(args.report_to),
-                     PrinterCallback if args.disable_tqdm else ProgressCallback, *extra]
+                     PrinterCallback if args.disable_tqdm else ProgressCallback, *self.bundle.callbacks, *extra]
         self.callback_handler = CallbackHandler([c for c in callbacks if c is not None], self.model,
                                                 self.bundle.processor, None, None)
 
@@ -143,12 +142,14 @@ class LoopEngine:
     # ---- evaluation, logging, saving ----
 
     def _task_metrics(self, logits, labels, prefix):
-        """The task's metrics over the gathered logits and labels (none gathered: none), named as
-        Trainer names them, `<prefix>_<name>`."""
+        """The task's metrics over the gathered batches of logits and labels (none gathered: none), named
+        as Trainer names them, `<prefix>_<name>`. A batch may be a tuple (a span model's start and end
+        logits; its start and end positions)."""
         if not logits:
             return {}
-        predictions = EvalPrediction(predictions=torch.cat(logits).numpy(), label_ids=torch.cat(labels).numpy())
-        return {f"{prefix}_{k}": v for k, v in self.bundle.compute_metrics(predictions).items()}
+        predictions = EvalPrediction(predictions=joined(logits), label_ids=joined(labels))
+        metrics = denumpify_detensorize(self.bundle.compute_metrics(predictions))  # as Trainer: plain numbers
+        return {f"{prefix}_{k}": v for k, v in metrics.items()}
 
     def _report_evaluation(self, metrics, prefix, start, num_samples, num_steps):
         """Speed metrics added to an evaluation's, logged and passed to on_evaluate, as Trainer does."""
@@ -182,3 +183,13 @@ class LoopEngine:
         if main:
             self.state.save_to_json(os.path.join(path, "trainer_state.json"))
         commit(path, self.args, self.state.best_model_checkpoint, self._barrier, main)
+
+
+def joined(batches):
+    """Batches concatenated as Trainer's evaluation loop does: sequences of other lengths padded with -100
+    (token tags, span logits), tuples kept as tuples of arrays; a 1-tuple is its array."""
+    whole = batches[0]
+    for batch in batches[1:]:
+        whole = nested_concat(whole, batch, padding_index=-100)
+    whole = nested_numpify(whole)
+    return whole[0] if isinstance(whole, tuple) and len(whole) == 1 else whole

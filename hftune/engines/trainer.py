@@ -232,6 +232,7 @@ def build_trainer(bundle, training_args, teacher=None):
         compute_metrics=bundle.compute_metrics,
         derived_metrics=bundle.derived_metrics,
         teacher=teacher,
+        callbacks=list(bundle.callbacks),
     )
     check_best_metric(trainer, training_args)
     return trainer

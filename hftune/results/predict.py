@@ -235,7 +235,8 @@ def class_logits(trainer, bundle, dataset, prefix):
             raise HftuneError(f"do_predict runs on engine: trainer or accelerate without FSDP, not engine: "
                               f"{trainer.args.engine}; predict with the saved model (hftune evaluate --do_predict true).")
         metrics = trainer.evaluate(dataset, metric_key_prefix=prefix) if has_labels(dataset) else {}
-        trainer = Trainer(model=bundle.model, args=trainer.args, data_collator=bundle.data_collator)
+        # eval_dataset: Trainer refuses an eval_strategy without one
+        trainer = Trainer(model=bundle.model, args=trainer.args, data_collator=bundle.data_collator, eval_dataset=dataset)
         with dataset_order(trainer.args):
             output = trainer.predict(dataset, metric_key_prefix=prefix)
         return output.predictions, output.label_ids, metrics

@@ -121,6 +121,7 @@ class TaskBundle:
     data_counts: dict = None  # more counts for the results, e.g. train_dropped_no_labels (sft)
     answers: bool = False  # evaluation also generates answers to the rows' prompts and scores them (sft)
     span_answers: Any = None  # question-answering: turns a split's start/end logits into answer texts
+    callbacks: tuple = ()  # TrainerCallbacks the task's data needs in training (masked-lm: the epoch's masks)
 
 
 def check_room(tokenizer, length, name="max_seq_length", pair=False, real=1):

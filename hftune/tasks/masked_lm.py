@@ -9,10 +9,11 @@ Metric perplexity = exp(eval_loss), over the masked tokens.
 - Masking is DataCollatorForLanguageModeling's (`mlm_probability` of the tokens, of which 80% become
   [MASK], 10% a random token, 10% stay; special tokens and padding never), or with
   `whole_word_masking` every sub-token of a chosen word. Each training batch draws new masks, from a
-  generator seeded by the batch's tokens: the same batch gets the same masks whatever the process
-  count, dataloader workers or a resume, so runs reproduce exactly. Evaluation rows are masked once,
-  when the split is prepared (seeded by each row's tokens): every evaluation scores the same masks,
-  so eval_loss moves only when the model does (run_mlm.py redraws them each time).
+  generator seeded by the batch's tokens and the epoch: the same batch gets the same masks whatever
+  the process count, dataloader workers or a resume, so runs reproduce exactly, and new ones in every
+  epoch, as run_mlm.py's (sequential order included). Evaluation rows are masked once, when the split
+  is prepared (seeded by each row's tokens): every evaluation scores the same masks, so eval_loss
+  moves only when the model does (run_mlm.py redraws them each time).
 
 Example:
     >>> from hftune.run import main
@@ -24,7 +25,7 @@ import logging
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AutoModelForMaskedLM, AutoTokenizer, DataCollatorForLanguageModeling
+from transformers import AutoModelForMaskedLM, AutoTokenizer, DataCollatorForLanguageModeling, TrainerCallback
 from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from hftune.columns import detect_columns
@@ -81,9 +82,11 @@ def check_config(model_args, data_args, training_args):
         # (the prepared rows hold nothing else the model does not take)
         training_args.remove_unused_columns = False
         logger.info("whole_word_masking: remove_unused_columns set to false (the collator reads the word offsets)")
-    if training_args.train_sampling_strategy == "sequential":
-        logger.warning("masked-lm with train_sampling_strategy: sequential: masks follow each batch's tokens, so an "
-                       "epoch after the first repeats the first one's masks; the default (random) order draws new ones.")
+    if training_args.do_train and training_args.dataloader_persistent_workers and training_args.dataloader_num_workers:
+        # a persistent worker keeps the copy of the collator it started with, and with it the first epoch's masks
+        raise HftuneError("masked-lm draws new masks each epoch, which dataloader_persistent_workers would keep at the "
+                          "first epoch's (a worker holds the collator it started with); drop "
+                          "dataloader_persistent_workers.")
 
 
 def load_model_and_tokenizer(model_args):
@@ -112,9 +115,12 @@ def load_model_and_tokenizer(model_args):
 
 
 class MaskingCollator(DataCollatorForLanguageModeling):
-    """DataCollatorForLanguageModeling whose masks follow from the tokens masked: each batch's generator
-    is seeded by a hash of its input ids. Rows that already hold labels (evaluation, masked once when
-    prepared) are only padded. It pads itself: transformers' own padding cannot pad word offsets."""
+    """DataCollatorForLanguageModeling whose masks follow from the tokens masked and the epoch: each
+    batch's generator is seeded by a hash of its input ids and `epoch` (set by MaskEpoch). Rows that
+    already hold labels (evaluation, masked once when prepared) are only padded. It pads itself:
+    transformers' own padding cannot pad word offsets."""
+
+    epoch = 0  # the training epoch the batches belong to
 
     def torch_call(self, examples):
         width = max(len(e["input_ids"]) for e in examples)
@@ -133,9 +139,25 @@ class MaskingCollator(DataCollatorForLanguageModeling):
         return batch
 
     def torch_mask_tokens(self, inputs, special_tokens_mask=None, offset_mapping=None):
-        digest = hashlib.blake2b(inputs.numpy().tobytes(), digest_size=8).digest()
-        self.generator = torch.Generator().manual_seed(int.from_bytes(digest, "little"))
+        digest = hashlib.blake2b(inputs.numpy().tobytes(), digest_size=8)
+        if self.epoch:  # epoch 0 keeps the tokens-only seed, so evaluation rows (masked at 0) keep their masks
+            digest.update(self.epoch.to_bytes(8, "little"))
+        self.generator = torch.Generator().manual_seed(int.from_bytes(digest.digest(), "little"))
         return super().torch_mask_tokens(inputs, special_tokens_mask, offset_mapping)
+
+
+class MaskEpoch(TrainerCallback):
+    """Sets the collator's epoch as each training epoch begins. Both engines call on_epoch_begin before
+    the epoch's first batch is drawn, and so before its (non-persistent) dataloader workers start and
+    copy the collator: the accelerate engine makes the epoch's iterator earlier, but accelerate's loader
+    starts nothing before the first batch is asked for. A resume calls it for the resumed epoch."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        # state.epoch: the epochs done, whole at an epoch's start; a resume restores a fraction into this one
+        self.collator.epoch = int(state.epoch)
 
 
 def word_offsets(word_ids):
@@ -214,4 +236,5 @@ def build(model_args, data_args, raw):
         model=model, processor=tokenizer, train_dataset=prepared.get("train"),
         eval_dataset=prepared.get("validation"), test_dataset=prepared.get("test"), data_collator=collator,
         derived_metrics=perplexity, main_metric="eval_perplexity", pipeline_task="fill-mask", skipped_rows=skipped,
+        callbacks=(MaskEpoch(collator),),
     )

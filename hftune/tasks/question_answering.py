@@ -58,9 +58,9 @@ TRAITS = TaskTraits(auto_model="AutoModelForQuestionAnswering", output="spans", 
 
 
 def check_config(model_args, data_args, training_args):
-    if training_args.engine != "trainer":
-        raise HftuneError(f"question-answering runs on engine: trainer (its evaluation maps features back to "
-                          f"questions); engine: {training_args.engine} is not supported for it.")
+    if training_args.engine == "pipeline":
+        raise HftuneError("question-answering does not run on engine: pipeline (its stages carry one logits "
+                          "tensor, a span model has two); use engine: trainer or accelerate.")
     if data_args.doc_stride >= data_args.max_seq_length:
         raise HftuneError(f"doc_stride ({data_args.doc_stride}) must be smaller than max_seq_length "
                           f"({data_args.max_seq_length}): features would not overlap; lower doc_stride.")
