@@ -331,15 +331,17 @@ def test_resume_in_a_later_epoch_continues_exactly(tiny_bert, corpus, tmp_path, 
     assert max((whole[k] - resumed[k]).abs().max().item() for k in whole) < 1e-6
 
 
+@pytest.mark.parametrize("config", ["ddp.yaml", "deepspeed_zero3.yaml", "fsdp.yaml"])
 @pytest.mark.slow
-def test_two_processes_equal_one(tiny_bert, corpus, tmp_path):
+def test_two_processes_equal_one(config, tiny_bert, corpus, tmp_path):
     """2 processes x 4 rows = 1 process x 4 rows x 2 accumulated micro-batches: the same micro-batches,
-    so the same masks (seeded by their tokens), and the same mean of per-micro-batch losses."""
+    so the same masks (seeded by their tokens), and the same mean of per-micro-batch losses; under DDP,
+    ZeRO-3 and FSDP."""
     flags = dict(max_steps=2, train_sampling_strategy="sequential", optim="sgd", learning_rate=1.0,
                  max_grad_norm=0, per_device_train_batch_size=4, do_eval="false", validation_file=None,
                  validation_split_percentage=0)
     main(mlm_args(tiny_bert, corpus[0], None, tmp_path / "one", gradient_accumulation_steps=2, **flags))
-    launch("ddp.yaml", 2, mlm_args(tiny_bert, corpus[0], None, tmp_path / "two", **flags))
+    launch(config, 2, mlm_args(tiny_bert, corpus[0], None, tmp_path / "two", **flags))
     one, two, start = weights(tmp_path / "one"), weights(tmp_path / "two"), weights(tiny_bert)
     assert max((one[k] - start[k]).abs().max().item() for k in one) > 1e-3  # the updates are not nothing
     assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5

@@ -217,11 +217,13 @@ def test_resume_continues_exactly(tiny_bert, tmp_path):
     assert max_difference(whole, resumed) < 1e-6
 
 
+@pytest.mark.parametrize("config", ["ddp.yaml", "deepspeed_zero3.yaml", "fsdp.yaml"])
 @pytest.mark.slow
-def test_two_processes_equal_one(tiny_bert, tmp_path):
+def test_two_processes_equal_one(config, tiny_bert, tmp_path):
+    """Under DDP, ZeRO-3 and FSDP."""
     from hftune.run import main
 
     train = write_jsonl(tmp_path / "train.jsonl", toy_rows(16))
     main(mc_args(tiny_bert, train, tmp_path / "one", max_steps=2))
-    launch("ddp.yaml", 2, mc_args(tiny_bert, train, tmp_path / "two", max_steps=2, per_device_train_batch_size=4))
+    launch(config, 2, mc_args(tiny_bert, train, tmp_path / "two", max_steps=2, per_device_train_batch_size=4))
     assert max_difference(weights(tmp_path / "one"), weights(tmp_path / "two")) < 1e-5

@@ -235,14 +235,15 @@ def test_resume_continues_exactly(tiny_bert, tmp_path):
     assert max((whole[k] - resumed[k]).abs().max().item() for k in whole) < 1e-6
 
 
+@pytest.mark.parametrize("config", ["ddp.yaml", "deepspeed_zero3.yaml"])  # FSDP: test_encoder_tasks_engines.py
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU (gloo) launch")
-def test_ddp_equals_one_process(tiny_bert, tmp_path):
+def test_two_processes_equal_one_process(config, tiny_bert, tmp_path):
     """2 processes of 4 features each step give the 1-process losses (8 features) and weights (SGD: Adam
     would turn the all-reduce's rounding in near-zero gradients into whole-learning-rate steps)."""
     train = write_jsonl(tmp_path / "train.jsonl", rows(24))
     sgd = dict(optim="sgd", learning_rate=0.5)
-    launch("ddp.yaml", 2, qa_args(tiny_bert, train, tmp_path / "two", per_device_train_batch_size=4, **sgd))
+    launch(config, 2, qa_args(tiny_bert, train, tmp_path / "two", per_device_train_batch_size=4, **sgd))
     run_engine(qa_args(tiny_bert, train, tmp_path / "one", **sgd))
     assert logged_losses(tmp_path / "two") == pytest.approx(logged_losses(tmp_path / "one"), abs=1e-4)
     two, one = trained_weights(tmp_path / "two"), trained_weights(tmp_path / "one")

@@ -214,9 +214,10 @@ def test_resume_continues_exactly(tiny_bert, tmp_path):
     assert max((whole[k] - resumed[k]).abs().max().item() for k in whole) < 1e-6
 
 
+@pytest.mark.parametrize("config", ["ddp.yaml", "deepspeed_zero3.yaml", "fsdp.yaml"])
 @pytest.mark.slow
-def test_ddp_equals_one_process(tiny_bert, tmp_path):
-    """2 processes x 4 rows = 1 process x 8 rows (SGD). The loss is each micro-batch's mean over its labelled
+def test_two_processes_equal_one_process(config, tiny_bert, tmp_path):
+    """2 processes x 4 rows = 1 process x 8 rows (SGD), under DDP, ZeRO-3 and FSDP. The loss is each micro-batch's mean over its labelled
     tokens, as run_ner.py's: equal only where every micro-batch labels as many tokens, so rows of 6 words."""
     from conftest import launch, logged_losses, run_engine
     from test_sft import trained_weights
@@ -227,7 +228,7 @@ def test_ddp_equals_one_process(tiny_bert, tmp_path):
              "--validation_split_percentage", "0", "--do_eval", "false", "--max_steps", "4", "--optim", "sgd",
              "--learning_rate", "0.5", "--train_sampling_strategy", "sequential", "--logging_steps", "1",
              "--save_strategy", "no", "--report_to", "none", "--seed", "0", "--disable_tqdm", "true"]
-    launch("ddp.yaml", 2, [*flags, "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "two")])
+    launch(config, 2, [*flags, "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "two")])
     run_engine([*flags, "--per_device_train_batch_size", "8", "--output_dir", str(tmp_path / "one")])
     assert logged_losses(tmp_path / "two") == pytest.approx(logged_losses(tmp_path / "one"), abs=1e-4)
     two, one = trained_weights(tmp_path / "two"), trained_weights(tmp_path / "one")

@@ -20,6 +20,7 @@ Example (2 processes, with or without GPUs):
 
 import logging
 import os
+from collections import Counter
 from contextlib import contextmanager
 
 import torch
@@ -90,6 +91,7 @@ class Fsdp2:
         kwargs = {"mesh": self.mesh, "reshard_after_forward": self.plugin.reshard_after_forward, "mp_policy": precision}
         policy = fsdp2_prepare_auto_wrap_policy(self.plugin, model)
         blocks = [m for m in get_module_children_bottom_up(model)[:-1] if policy is not None and policy(m)]
+        blocks = [m for m in blocks if not shares_a_weight_outside(m, model)]
         for block in blocks:
             if not isinstance(block, FSDPModule):
                 fully_shard(block, **kwargs)
@@ -181,6 +183,17 @@ class Fsdp2:
         # Two calls: set_state_dict skips the model on ranks given an empty one, and rank 0's broadcast then hangs.
         set_model_state_dict(model, state.get("model", {}), options=options)
         set_optimizer_state_dict(model, optimizer, state.get("optimizer", {}), options=options)
+
+
+def shares_a_weight_outside(block, model):
+    """The block holds a parameter tied to one outside it (BERT's word embeddings, tied to the masked-LM
+    head). FSDP2 needs both in one group, so such a block is left to the root's (logged)."""
+    inside = Counter(id(p) for _, p in block.named_parameters(remove_duplicate=False))
+    everywhere = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    if any(everywhere[key] > count for key, count in inside.items()):
+        logger.info(f"FSDP2: {type(block).__name__} stays in the root's group: a weight of it is tied to one outside it")
+        return True
+    return False
 
 
 def fsdp_for(accelerator):

@@ -192,4 +192,8 @@ def load_weights(auto_class, model_args, path, config, loading_info=False, **kwa
     with building(model_args.model_name_or_path):
         model, info = auto_class.from_pretrained(path, config=config, output_loading_info=True, **kwargs)
     check_mismatched(info, model, model_args)
+    # transformers' ZeRO-3 loader keeps every name conversion it tried, not only those the checkpoint used as its
+    # other loader does; save_pretrained reverts them, so a BERT's LayerNorm.weight was saved as LayerNorm.gamma.
+    if getattr(model, "_weight_conversions", None):
+        model._weight_conversions = [conversion for conversion in model._weight_conversions if conversion.was_used()]
     return (model, info) if loading_info else model
