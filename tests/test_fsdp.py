@@ -20,6 +20,7 @@ from conftest import REPO, RANK_PROBE, launch, logged_losses, read_json, tiny_mo
 from hftune.errors import HftuneError
 
 SWITCH_LINE = "FSDP launch: using engine: accelerate"
+AS_ON_GPUS = {"HFTUNE_PROBE_AS_GPU_FSDP": "1"}  # tests/rank_probe.py: accelerate's state as on a GPU launch
 pytestmark = pytest.mark.skipif(torch.accelerator.is_available(),
                                 reason="CPU-process launches; benchmarks/gpu_check.py runs FSDP on GPUs")
 
@@ -33,28 +34,26 @@ def bert_args(tiny_bert, tweets_csv, **overrides):
     return [f"--{key}={value}" for key, value in settings.items()]
 
 
-@pytest.mark.parametrize("accelerate_state", ["cpu", "as on GPUs"])
 @pytest.mark.slow
-def test_fsdp_launch_shards_and_matches_one_process(accelerate_state, tiny_bert, tweets_csv, tmp_path):
-    """"as on GPUs": accelerate's state is the one a GPU launch gets (distributed type FSDP), so its
-    FSDP branches (clip_grad_norm_, save_state, ...) meet hftune's sharded model as they do there."""
+def test_fsdp_launch_shards_and_matches_one_process(tiny_bert, tweets_csv, tmp_path):
+    """With accelerate in the state a GPU launch gets (distributed type FSDP), so that its FSDP branches
+    (clip_grad_norm_, save_state, ...) meet hftune's sharded model as they do there; the other FSDP tests
+    run the CPU state."""
     # Accumulation exercises FSDP's local accumulation (no reduce-scatter until the last micro-batch),
     # max_grad_value the clamp of sharded gradients, max_grad_norm (1.0) the norm over all shards.
     common = dict(gradient_accumulation_steps=2, max_grad_value=0.05)
     (tmp_path / "probe").mkdir()
-    env = {"HFTUNE_PROBE_AS_GPU_FSDP": "1"} if accelerate_state == "as on GPUs" else {}
     two = launch("fsdp.yaml", 2, bert_args(tiny_bert, tweets_csv, output_dir=tmp_path / "two",
                                            per_device_train_batch_size=4, save_strategy="steps", save_steps=8,
                                            **common),
-                 cwd=tmp_path, script=RANK_PROBE, probe_dir=tmp_path / "probe", env=env)
+                 cwd=tmp_path, script=RANK_PROBE, probe_dir=tmp_path / "probe", env=AS_ON_GPUS)
     launch("single_device.yaml", 1, bert_args(tiny_bert, tweets_csv, output_dir=tmp_path / "one",
                                               per_device_train_batch_size=8, **common), cwd=tmp_path)
     assert SWITCH_LINE in two.stderr + two.stdout
     assert yaml.safe_load((tmp_path / "two/hftune_config.yaml").read_text())["engine"] == "accelerate"
     ranks = [read_json(tmp_path / f"probe/rank{r}.json") for r in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2]
-    expected_type = "DistributedType.FSDP" if accelerate_state == "as on GPUs" else "DistributedType.MULTI_CPU"
-    assert [r["distributed_type"] for r in ranks] == [expected_type] * 2
+    assert [r["distributed_type"] for r in ranks] == ["DistributedType.FSDP"] * 2
     full = ranks[0]["full_numel"]
     assert ranks[1]["full_numel"] == full == sum(r["local_numel"] for r in ranks)  # each element on one rank
     assert all(abs(r["local_numel"] - full / 2) < 0.01 * full for r in ranks), ranks  # really half each
@@ -79,8 +78,11 @@ def test_fsdp_resume_from_a_checkpoint_gives_the_uninterrupted_weights(state_dic
     flags = ["--fsdp_state_dict_type", state_dict_type]
     settings = dict(max_steps=6, save_strategy="steps", save_steps=3, optim="sgd", optim_args="momentum=0.9",
                     learning_rate=0.05, lr_scheduler_type="cosine", per_device_train_batch_size=8)
-    launch("fsdp.yaml", 2, bert_args(tiny_bert, tweets_csv, output_dir=tmp_path / "full", **settings), cwd=tmp_path,
-           launch_flags=flags)
+    # SHARDED_STATE_DICT with accelerate as on GPUs: its save_state/load_state FSDP branches take part
+    env = AS_ON_GPUS if state_dict_type == "SHARDED_STATE_DICT" else {}
+    first = launch("fsdp.yaml", 2, bert_args(tiny_bert, tweets_csv, output_dir=tmp_path / "full", **settings),
+                   cwd=tmp_path, launch_flags=flags, script=RANK_PROBE, probe_dir=tmp_path / "probe", env=env)
+    assert first.probes[0]["distributed_type"] == f"DistributedType.{'FSDP' if env else 'MULTI_CPU'}"
     state = tmp_path / "full/checkpoint-3/engine_state"
     if state_dict_type == "FULL_STATE_DICT":
         assert (state / "fsdp_state.pt").is_file()
@@ -89,7 +91,8 @@ def test_fsdp_resume_from_a_checkpoint_gives_the_uninterrupted_weights(state_dic
     # A run that died after its step-3 checkpoint: only that checkpoint is left in its output_dir.
     shutil.copytree(tmp_path / "full/checkpoint-3", tmp_path / "resumed/checkpoint-3")
     launch("fsdp.yaml", 2, bert_args(tiny_bert, tweets_csv, output_dir=tmp_path / "resumed",
-                                     resume_from_checkpoint="true", **settings), cwd=tmp_path, launch_flags=flags)
+                                     resume_from_checkpoint="true", **settings), cwd=tmp_path, launch_flags=flags,
+           env=env, script=RANK_PROBE, probe_dir=tmp_path / "probe")
     history = read_json(tmp_path / "resumed/trainer_state.json")["log_history"]
     assert [entry["step"] for entry in history if "loss" in entry] == list(range(1, 7))
     assert logged_losses(tmp_path / "resumed") == logged_losses(tmp_path / "full")

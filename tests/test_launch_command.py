@@ -54,7 +54,8 @@ def test_the_slurm_template_runs_one_launch_per_node_with_its_rank(tmp_path):
     bin_dir.mkdir()
     venv_bin.mkdir(parents=True)
     stubs = {
-        bin_dir / "scontrol": 'echo gpu-node-07; echo gpu-node-08\n',
+        # the pause lets a reader that stops at the first line go first: the second then meets a closed pipe
+        bin_dir / "scontrol": 'echo gpu-node-07; sleep 0.3; echo gpu-node-08\n',
         bin_dir / "srun": 'shift; for id in 0 1; do SLURM_NODEID=$id "$@"; done\n',  # one task per node
         venv_bin / "accelerate": f'echo "$*" >> {tmp_path}/launches.txt\n',
     }

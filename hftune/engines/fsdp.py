@@ -7,7 +7,8 @@ Why not accelerate's own FSDP path (Trainer + `accelerator.prepare`)?
   wraps the model in DDP, every process keeping the whole model, and nothing says so.
 - With GPUs its `fsdp2_prepare_model` fails on BERT-style encoders: it shards each `BertEmbeddings`
   block (a `_no_split_modules` entry), then shards its word embeddings again as "the input
-  embeddings" (torch: "Invariant encountered: value was None"); tests/test_fsdp.py shows the failure.
+  embeddings" (torch: "Invariant encountered: value was None"). Seen with tests/test_fsdp.py's "as on
+  GPUs" launch when the model was left to `accelerator.prepare`.
 Here the engine shards the model itself, with the plugin accelerate builds from the launch's FSDP_*
 variables (wrap policy, reshard_after_forward, state dict type) and torch's `fully_shard` over a
 device mesh of the launch's device, before the optimizer is built; the model and optimizer then stay
@@ -97,8 +98,8 @@ class Fsdp2:
                 fully_shard(block, **kwargs)
         fully_shard(model, **kwargs)
         self._load_from_rank0(model, full_state)
-        logger.info(f"FSDP2 on {self.mesh.device_type}: {len(blocks)} blocks + root sharded over {self.accelerator.num_processes} "
-                    f"processes, reshard_after_forward={self.plugin.reshard_after_forward}")
+        logger.info(f"FSDP2 on {self.mesh.device_type}: {len(blocks)} blocks + root sharded over "
+                    f"{self.accelerator.num_processes} processes, reshard_after_forward={self.plugin.reshard_after_forward}")
         return model
 
     def _load_from_rank0(self, model, full_state):
