@@ -207,6 +207,8 @@ def test_a_tiny_bert_learns_the_tweets(tiny_bert, corpus, tmp_path):
     assert results["eval_perplexity"] == pytest.approx(2.718281828 ** results["eval_loss"], rel=1e-6)
     assert results["perplexity"] == results["eval_perplexity"]
     assert AutoModelForMaskedLM.from_pretrained(out).config.architectures == ["BertForMaskedLM"]
+    card = (out / "README.md").read_text()  # the model card: its Hub task, scores and usage
+    assert "pipeline_tag: fill-mask" in card and "| validation | perplexity |" in card
 
 
 class FirstWeights(TrainerCallback):

@@ -115,6 +115,9 @@ def test_a_run_learns_to_choose(trained):
     accuracy = [e["eval_accuracy"] for e in history if "eval_accuracy" in e]
     assert accuracy[0] < 0.4 and accuracy[-1] > 0.6, accuracy  # 4 endings: chance is 0.25
     assert read_json(trained / "all_results.json")["test_accuracy"] > 0.6
+    card = (trained / "README.md").read_text()  # the model card: its Hub task, scores and usage
+    assert "pipeline_tag: multiple-choice" in card and "| validation | accuracy |" in card
+    assert f'AutoModelForMultipleChoice.from_pretrained("{trained}")' in card
 
 
 def test_predictions_are_one_row_per_input_in_order(trained):

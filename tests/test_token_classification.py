@@ -85,6 +85,8 @@ def test_a_run_learns_the_tags_and_the_model_loads_in_a_pipeline(tiny_bert, tmp_
     assert {"eval_precision", "eval_recall", "eval_accuracy", "eval_PER_f1", "eval_LOC_f1"} <= set(results)
     predicted = [json.loads(line) for line in (out / "predictions_test.jsonl").read_text().splitlines()]
     assert [p["tokens"] for p in predicted] == [r["tokens"] for r in sentences(16, seed=2)]  # in row order
+    card = (out / "README.md").read_text()  # the model card: its Hub task, scores and usage
+    assert "pipeline_tag: token-classification" in card and "| validation | f1 |" in card
     assert all(p["true_tags"] == r["ner_tags"] for p, r in zip(predicted, sentences(16, seed=2)))
     assert all(len(p["tags"]) == len(p["tokens"]) for p in predicted)
     assert sum(p["tags"] == p["true_tags"] for p in predicted) >= 12  # a tag per word, mostly right
