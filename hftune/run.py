@@ -41,6 +41,7 @@ from hftune.results.predict import (
 from hftune.compression.pruning import sparsity_results
 from hftune.compression.quantization import quantize_and_compare
 from hftune.tasks import get_task
+from hftune.tasks.loading import check_folder
 from hftune.results.throughput import throughput_results
 
 logger = logging.getLogger("hftune")
@@ -81,8 +82,7 @@ def check_model_source(model_args):
         raise HftuneError("model_name_or_path is not set; give a Hub id, a local checkpoint folder or an asset:NAME "
                           "(or model_type + tokenizer_name to train from scratch).")
     name = str(model_args.model_name_or_path)
-    if (os.path.isabs(name) or name.startswith((".", "~"))) and not os.path.isdir(os.path.expanduser(name)):
-        raise HftuneError(f"model_name_or_path '{name}' is not a folder; give the folder a run saved to, or a Hub id.")
+    check_folder(name, name, "model_name_or_path")  # before the data loads, not only when the model does
     if is_asset(model_args.model_name_or_path) and model_args.model_revision != "main":
         raise HftuneError("model_revision does not apply to an asset: model; drop it.")
 
