@@ -162,7 +162,7 @@ def run_layers(model, inputs, packed=False):
     """The pipeline layers of `model` applied in order on one process, as the stages apply them."""
     from deepspeed.pipe import TiedLayerSpec
 
-    from hftune.engines.pipeline import FAMILIES
+    from hftune.engines.pipeline_layers import FAMILIES
 
     tied, x = {}, inputs
     for layer in FAMILIES[type(model).__name__].layers(model, packed):
