@@ -16,7 +16,7 @@ from transformers import (
 )
 
 from conftest import cli_flags, fail, launch, probed, run_engine, strategy_args, tiny_model, write_tweet_split
-from hftune.compression.adapters import default_modules_to_save, default_target_modules
+from hftune.compression.adapter_modules import default_modules_to_save, default_target_modules
 
 R, ALPHA = 4, 8
 
