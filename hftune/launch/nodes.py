@@ -18,6 +18,7 @@ import os
 import secrets
 
 from hftune.errors import HftuneError
+from hftune.launch.checks import fsdp_launch
 
 logger = logging.getLogger("hftune")
 
@@ -88,9 +89,11 @@ def check_output_layout(args):
         raise HftuneError(f"output_dir '{args.output_dir}' is one folder all {machines(args)} nodes share, and "
                           "save_on_each_node: true would have every node write the same files; drop save_on_each_node.")
     if not shared and args.engine != "trainer":
+        # FSDP launches always run engine: accelerate (hftune/engines/fsdp.py): Trainer is no remedy for them
+        remedy = "a disk the nodes share" if fsdp_launch() else "engine: trainer, or a disk the nodes share"
         raise HftuneError(f"output_dir '{args.output_dir}' is not shared by the {machines(args)} nodes; saving on "
                           f"each node runs on engine: trainer only (save_on_each_node), not {args.engine}: use "
-                          "engine: trainer, or a disk the nodes share.")
+                          f"{remedy}.")
     if not shared and not args.save_on_each_node:
         raise HftuneError(f"output_dir '{args.output_dir}' is not shared by the {machines(args)} nodes (each sees "
                           "only its own files): set save_on_each_node: true so that every node keeps the "
