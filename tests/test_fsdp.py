@@ -207,3 +207,15 @@ def test_an_fsdp_launch_refuses_what_it_cannot_honour(case, monkeypatch, tmp_pat
     with pytest.raises(HftuneError) as raised:
         parse(monkeypatch, tmp_path, env, args)
     assert message in str(raised.value)
+
+
+@pytest.mark.slow
+def test_accelerate_s_fsdp2_preparation_fails_on_bert_where_hftune_s_shards_it(tiny_bert, tmp_path):
+    """Why FSDP launches never take accelerate's path (hftune/engines/fsdp.py): its fsdp2_prepare_model
+    shards BertEmbeddings, then its word embeddings again. If this starts passing for accelerate,
+    the decision can be revisited."""
+    probes = launch("fsdp.yaml", 2, [tiny_bert], script="tests/fsdp_paths_probe.py", probe_dir=tmp_path).probes
+    assert sorted(probes) == [0, 1]
+    for record in probes.values():
+        assert record["hftune"] == "ok"
+        assert "Invariant encountered" in record["accelerate"], record["accelerate"]

@@ -7,8 +7,8 @@ Why not accelerate's own FSDP path (Trainer + `accelerator.prepare`)?
   wraps the model in DDP, every process keeping the whole model, and nothing says so.
 - With GPUs its `fsdp2_prepare_model` fails on BERT-style encoders: it shards each `BertEmbeddings`
   block (a `_no_split_modules` entry), then shards its word embeddings again as "the input
-  embeddings" (torch: "Invariant encountered: value was None"). Seen with tests/test_fsdp.py's "as on
-  GPUs" launch when the model was left to `accelerator.prepare`.
+  embeddings" (torch: "Invariant encountered: value was None"); tests/test_fsdp.py shards one BERT
+  both ways (tests/fsdp_paths_probe.py).
 Here the engine shards the model itself, with the plugin accelerate builds from the launch's FSDP_*
 variables (wrap policy, reshard_after_forward, state dict type) and torch's `fully_shard` over a
 device mesh of the launch's device, before the optimizer is built; the model and optimizer then stay
