@@ -191,7 +191,8 @@ def test_two_processes_on_each_of_two_nodes_equal_one_process(two_hosts, tiny_be
 
 
 def test_one_output_dir_per_node_resumes_from_the_step_every_node_holds(two_hosts, tiny_bert, tmp_path):
-    """Disks not shared (one output_dir per node): refused without save_on_each_node. With it, both nodes
+    """Disks not shared (one output_dir per node): refused without save_on_each_node, and for FSDP (which
+    cannot save on each node) with it. With it, both nodes
     save checkpoint-4 and -8 and node 1 is killed at step 11; node 1's disk then loses checkpoint-8 (a
     replaced disk): the rerun resumes both nodes from checkpoint-4, the newest step both hold, and ends
     at an uninterrupted run's weights, saved on each node."""
@@ -208,6 +209,9 @@ def test_one_output_dir_per_node_resumes_from_the_step_every_node_holds(two_host
         assert code != 0 and "is not shared by the 2 nodes (each sees only its own files): set save_on_each_node" \
             in output, output[-3000:]
     run += ["--save_on_each_node=true"]
+    fsdp = launch_nodes(two_hosts, run, config="fsdp.yaml", script="hftune/run.py", node_args=own_dirs, check=False)
+    for code, output, _ in fsdp:  # FSDP runs engine: accelerate, which does not save on each node
+        assert code != 0 and "(save_on_each_node), not accelerate: use a disk the nodes share." in output, output[-3000:]
     own_caches = tuple({"HF_DATASETS_CACHE": str(tmp_path / f"cache{rank}")} for rank in (0, 1))
     killed = launch_nodes(two_hosts, run, script="tests/kill_probe.py", node_args=own_dirs, check=False,
                           node_env=(own_caches[0], {**own_caches[1], "HFTUNE_KILL_AT": "step:11"}))
