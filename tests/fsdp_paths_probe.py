@@ -40,7 +40,7 @@ if __name__ == "__main__":
     # what fsdp2_prepare_model and Fsdp2 read of an Accelerator, as an FSDP launch on GPUs sets it up
     accelerator = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=FullyShardedDataParallelPlugin()),
                                   torch_device_mesh=None, device=torch.device("cpu"), is_main_process=rank == 0,
-                                  mixed_precision="no", num_processes=dist.get_world_size())
+                                  mixed_precision="no", native_amp=False, num_processes=dist.get_world_size())
     record = {"accelerate": outcome(lambda model: fsdp2_prepare_model(accelerator, model), sys.argv[1]),
               "hftune": outcome(Fsdp2(accelerator).shard, sys.argv[1])}
     with open(os.path.join(os.environ["HFTUNE_PROBE_DIR"], f"rank{rank}.json"), "w") as handle:

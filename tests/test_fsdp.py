@@ -16,7 +16,7 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from conftest import REPO, RANK_PROBE, launch, logged_losses, read_json, tiny_model
+from conftest import REPO, RANK_PROBE, launch, logged_losses, read_json, run_engine, tiny_model
 from hftune.errors import HftuneError
 
 SWITCH_LINE = "FSDP launch: using engine: accelerate"
@@ -219,3 +219,15 @@ def test_accelerate_s_fsdp2_preparation_fails_on_bert_where_hftune_s_shards_it(t
     for record in probes.values():
         assert record["hftune"] == "ok"
         assert "Invariant encountered" in record["accelerate"], record["accelerate"]
+
+
+@pytest.mark.slow
+def test_fsdp_bf16_computes_as_one_bf16_process(tiny_bert, tweets_csv, tmp_path):
+    """bf16 as accelerator.prepare gives it to every other launch: autocast (layer norms, softmax and the
+    loss in float32) over bf16 parameters. Without autocast the loss itself was bf16 (1.09765625, ...),
+    1e-2 away from one process; with it, within 1e-3."""
+    common = dict(bf16="true", engine="accelerate", max_steps=6)
+    launch("fsdp.yaml", 2, bert_args(tiny_bert, tweets_csv, output_dir=tmp_path / "two", per_device_train_batch_size=4,
+                                     **common), cwd=tmp_path)
+    run_engine(bert_args(tiny_bert, tweets_csv, output_dir=tmp_path / "one", per_device_train_batch_size=8, **common))
+    assert logged_losses(tmp_path / "two") == pytest.approx(logged_losses(tmp_path / "one"), abs=1e-3)

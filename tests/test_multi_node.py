@@ -265,13 +265,13 @@ def test_fsdp_across_two_nodes_equals_one_process(two_hosts, tiny_bert, tweets_c
 
     from test_fsdp import bert_args
 
+    sgd = dict(optim="sgd", learning_rate=0.5, max_steps=4)  # Adam turns all-reduce rounding of near-0 grads into lr-sized steps
     launch_nodes(two_hosts, bert_args(tiny_bert, tweets_csv, output_dir=tmp_path / "two", per_device_train_batch_size=4,
-                                      max_steps=4), config="fsdp.yaml", probe_dir=tmp_path / "probe")
+                                      **sgd), config="fsdp.yaml", probe_dir=tmp_path / "probe")
     probes = {int(p.stem[4:]): json.loads(p.read_text()) for p in (tmp_path / "probe").glob("rank*.json")}
     full = probes[0]["full_numel"]
     assert all(probes[r]["local_numel"] == pytest.approx(full / 2, rel=0.01) for r in (0, 1))
-    run_engine(bert_args(tiny_bert, tweets_csv, output_dir=tmp_path / "one", per_device_train_batch_size=8,
-                         max_steps=4))
+    run_engine(bert_args(tiny_bert, tweets_csv, output_dir=tmp_path / "one", per_device_train_batch_size=8, **sgd))
     assert logged_losses(tmp_path / "two") == pytest.approx(logged_losses(tmp_path / "one"), abs=1e-4)
     assert len(logged_losses(tmp_path / "two")) == 4
     AutoModelForSequenceClassification.from_pretrained(tmp_path / "two")

@@ -98,9 +98,22 @@ class Fsdp2:
                 fully_shard(block, **kwargs)
         fully_shard(model, **kwargs)
         self._load_from_rank0(model, full_state)
+        if self.accelerator.native_amp:
+            self._autocast(model)
         logger.info(f"FSDP2 on {self.mesh.device_type}: {len(blocks)} blocks + root sharded over "
                     f"{self.accelerator.num_processes} processes, reshard_after_forward={self.plugin.reshard_after_forward}")
         return model
+
+    def _autocast(self, model):
+        """What accelerator.prepare does for mixed precision on every launch: the forward under autocast
+        (layer norms, softmax and the loss in float32, matmuls in bf16) and float32 outputs. Without it
+        everything would compute in the bf16 parameters, the loss included."""
+        from types import MethodType
+
+        from accelerate.utils import convert_outputs_to_fp32, get_mixed_precision_context_manager
+
+        autocast = get_mixed_precision_context_manager(True, self.accelerator.autocast_handler)
+        model.forward = MethodType(convert_outputs_to_fp32(autocast(model.forward.__func__)), model)
 
     def _load_from_rank0(self, model, full_state):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
