@@ -265,7 +265,7 @@ def test_fsdp_across_two_nodes_equals_one_process(two_hosts, tiny_bert, tweets_c
 
     from test_fsdp import bert_args
 
-    sgd = dict(optim="sgd", learning_rate=0.5, max_steps=4)  # Adam turns all-reduce rounding of near-0 grads into lr-sized steps
+    sgd = dict(optim="sgd", learning_rate=0.5, max_steps=4)  # SGD: Adam magnifies all-reduce rounding
     launch_nodes(two_hosts, bert_args(tiny_bert, tweets_csv, output_dir=tmp_path / "two", per_device_train_batch_size=4,
                                       **sgd), config="fsdp.yaml", probe_dir=tmp_path / "probe")
     probes = {int(p.stem[4:]): json.loads(p.read_text()) for p in (tmp_path / "probe").glob("rank*.json")}

@@ -101,7 +101,8 @@ class Fsdp2:
         if self.accelerator.native_amp:
             self._autocast(model)
         logger.info(f"FSDP2 on {self.mesh.device_type}: {len(blocks)} blocks + root sharded over "
-                    f"{self.accelerator.num_processes} processes, reshard_after_forward={self.plugin.reshard_after_forward}")
+                    f"{self.accelerator.num_processes} processes, "
+                    f"reshard_after_forward={self.plugin.reshard_after_forward}")
         return model
 
     def _autocast(self, model):
@@ -205,7 +206,8 @@ def shares_a_weight_outside(block, model):
     inside = Counter(id(p) for _, p in block.named_parameters(remove_duplicate=False))
     everywhere = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     if any(everywhere[key] > count for key, count in inside.items()):
-        logger.info(f"FSDP2: {type(block).__name__} stays in the root's group: a weight of it is tied to one outside it")
+        logger.info(f"FSDP2: {type(block).__name__} stays in the root's group: a weight of it is tied to one "
+                    "outside it")
         return True
     return False
 
