@@ -18,6 +18,7 @@ EVALUATED = dict(do_eval="true", eval_strategy="steps", eval_steps=2, max_steps=
 
 def tagging(model, folder, **overrides):
     train, validation = written(folder, "train.jsonl", sentences(24)), written(folder, "val.jsonl", sentences(12, 1))
+    # qa_args' run settings without QA's own fields (None drops a key)
     return qa_args(model, train, folder / "out", validation_file=validation, max_seq_length=None, doc_stride=None,
                    learning_rate=5e-3, **overrides)
 
