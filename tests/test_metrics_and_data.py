@@ -9,7 +9,8 @@ from sklearn.metrics import accuracy_score, f1_score
 
 from hftune import metrics
 from hftune.config import DataArguments, ModelArguments
-from hftune.data import class_names, load_raw_datasets
+from hftune.classes import class_names
+from hftune.data import load_raw_datasets
 from hftune.errors import HftuneError
 from hftune.metrics import load_metric, local_metric_path
 from hftune.tasks import text_classification

@@ -92,7 +92,8 @@ class Fsdp2:
         kwargs = {"mesh": self.mesh, "reshard_after_forward": self.plugin.reshard_after_forward, "mp_policy": precision}
         policy = fsdp2_prepare_auto_wrap_policy(self.plugin, model)
         blocks = [m for m in get_module_children_bottom_up(model)[:-1] if policy is not None and policy(m)]
-        blocks = [m for m in blocks if not shares_a_weight_outside(m, model)]
+        uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))  # > 1: a tied weight
+        blocks = [m for m in blocks if not shares_a_weight_outside(m, uses)]
         for block in blocks:
             if not isinstance(block, FSDPModule):
                 fully_shard(block, **kwargs)
@@ -200,12 +201,12 @@ class Fsdp2:
         set_optimizer_state_dict(model, optimizer, state.get("optimizer", {}), options=options)
 
 
-def shares_a_weight_outside(block, model):
+def shares_a_weight_outside(block, uses):
     """The block holds a parameter tied to one outside it (BERT's word embeddings, tied to the masked-LM
-    head). FSDP2 needs both in one group, so such a block is left to the root's (logged)."""
+    head): `uses` counts each parameter's names in the whole model. FSDP2 needs both in one group, so
+    such a block is left to the root's (logged)."""
     inside = Counter(id(p) for _, p in block.named_parameters(remove_duplicate=False))
-    everywhere = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
-    if any(everywhere[key] > count for key, count in inside.items()):
+    if any(uses[key] > count for key, count in inside.items()):
         logger.info(f"FSDP2: {type(block).__name__} stays in the root's group: a weight of it is tied to one "
                     "outside it")
         return True

@@ -1,7 +1,7 @@
 """What the classification tasks predict, read from the train split's label column as transformers'
 run_classification.py reads it: floats -> regression (one output, MSE), lists of class names or ids
 -> multi-label classification (one sigmoid per label, BCE), anything else -> single-label classes
-(hftune.data.class_names, softmax, cross-entropy). `do_regression` (run_classification.py's name)
+(hftune.classes.class_names, softmax, cross-entropy). `do_regression` (run_classification.py's name)
 overrides the detection: true regresses on integer scores too, false never regresses.
 
 The kind reaches transformers as `config.problem_type`, from which the model picks its loss and
@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from datasets import ClassLabel, LargeList, List, Value
 
-from hftune.data import class_names, is_stream, label_ids
+from hftune.classes import class_names, label_ids
+from hftune.data import is_stream
 from hftune.errors import HftuneError
 from hftune.metrics import load_metric
 
